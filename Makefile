@@ -1,0 +1,45 @@
+# The README's two commands: `make test` and `make demo`. Both create their own environment.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+FMNIST_CACHE ?= $(HOME)/.cache/swin_ssl/fashion-mnist
+# Tests and the demo simulate 8 devices on the CPU.
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+OBJECTIVE ?= moby
+DEMO_DIR ?= runs/demo_$(OBJECTIVE)
+
+.PHONY: install fmnist test demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist: installed system-wide as root, else unpacked
+# into a user cache with apt-get download + dpkg-deb (no root needed).
+fmnist:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] || [ -f $(FMNIST_CACHE)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST present"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist || \
+	   (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	else \
+	  $(PY) -m swin_ssl.data.fashion_mnist --fetch --cache $(FMNIST_CACHE); \
+	fi
+
+test: install fmnist
+	$(PY) -m pytest -q -x tests
+
+demo: install fmnist
+	$(PY) -m swin_ssl.demo --objective $(OBJECTIVE) --workdir $(DEMO_DIR)
+
+bench: install
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
