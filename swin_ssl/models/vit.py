@@ -21,6 +21,16 @@ from swin_ssl.models.swin import DropPath, Mlp, PatchEmbed, dense_init
 Dtype = Any
 
 
+def resize_position_embedding(pos: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
+    """[1, 1 + n*n, D] (CLS first) -> [1, 1 + grid_h*grid_w, D], bicubic on the patch grid; CLS kept."""
+    n = int(round((pos.shape[1] - 1) ** 0.5))
+    if (grid_h, grid_w) == (n, n):
+        return pos
+    grid = pos[0, 1:].reshape(n, n, pos.shape[-1])
+    grid = jax.image.resize(grid, (grid_h, grid_w, pos.shape[-1]), method="bicubic")
+    return jnp.concatenate([pos[:, :1], grid.reshape(1, grid_h * grid_w, pos.shape[-1]).astype(pos.dtype)], axis=1)
+
+
 class Attention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -88,15 +98,6 @@ class VisionTransformer(nn.Module):
         if h < self.patch_size or w < self.patch_size or h % self.patch_size or w % self.patch_size:
             raise ValueError(f"ViT: image {h}x{w} must be a positive multiple of the {self.patch_size}-px patch")
 
-    def position_embedding(self, grid_h: int, grid_w: int) -> jax.Array:
-        n = self.img_size // self.patch_size
-        pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, 1 + n * n, self.embed_dim), jnp.float32)
-        if (grid_h, grid_w) == (n, n):
-            return pos
-        grid = pos[0, 1:].reshape(n, n, self.embed_dim)
-        grid = jax.image.resize(grid, (grid_h, grid_w, self.embed_dim), method="bicubic")
-        return jnp.concatenate([pos[:, :1], grid.reshape(1, grid_h * grid_w, self.embed_dim)], axis=1)
-
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False):
         self.check_input(images)
@@ -104,7 +105,9 @@ class VisionTransformer(nn.Module):
         b, gh, gw, d = x.shape
         cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, d), jnp.float32)
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x.reshape(b, gh * gw, d).astype(jnp.float32)], axis=1)
-        x = x + self.position_embedding(gh, gw)
+        n = self.img_size // self.patch_size
+        pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, 1 + n * n, d), jnp.float32)
+        x = x + resize_position_embedding(pos, gh, gw)
         norm = nn.LayerNorm(epsilon=self.norm_eps, name="norm")
         rates = np.linspace(0.0, self.drop_path_rate, self.depth).tolist()
         block_pooled = []
