@@ -25,7 +25,8 @@ setup(
         "matplotlib",  # visualisations
     ],
     extras_require={
-        "test": ["pytest>=8", "chex", "scikit-learn", "scikit-image"],
+        # torch: checkpoint conversion tests; 2.13.0 is the CPU wheel this machine kind carries (no CUDA download).
+        "test": ["pytest>=8", "chex", "scikit-learn", "scikit-image", "scipy", "torch==2.13.0"],
         # PyTorch checkpoints in and out; on the CPU machines `pip install torch==2.13.0` takes the local CPU wheel.
         "torch": ["torch"],
     },
