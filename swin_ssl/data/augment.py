@@ -1,0 +1,418 @@
+"""Augmentations as TF ops: random-resized crops, colour jitter, grayscale, blur, solarize, eval crops.
+
+Why TF ops: they run inside tf.data on the host, in parallel, without the GIL, and TensorFlow never takes
+the accelerator. Every random decision comes from a *stateless* RNG keyed by a per-example seed, so a batch
+is a pure function of `(seed, example position)` and a resumed run sees exactly the same views.
+
+The recipes follow the official PyTorch code (torchvision on PIL images), op by op and in the same order:
+crop+resize -> horizontal flip -> colour jitter (p) -> grayscale (p) -> Gaussian blur (p) -> solarize (p)
+-> ImageNet mean/std. Where PIL/torchvision semantics are followed and where they are not:
+
+* RandomResizedCrop: torchvision's sampler exactly (10 attempts of area ~ U(scale) * H * W and
+  log-aspect ~ U(log ratio), w/h rounded, first attempt that fits; else a centre crop clamped to the ratio).
+  The crop is resized with `tf.image.resize(antialias=True)`, which, like PIL, low-pass filters when it
+  shrinks. Bicubic uses Keys' a=-0.5 kernel as PIL does.
+* ColorJitter(b, c, s, h): torchvision's semantics, not tf.image's: factors b ~ U[1-b, 1+b],
+  c ~ U[1-c, 1+c], s ~ U[1-s, 1+s], hue ~ U[-h, h], applied in a uniformly random order of the four ops
+  (torchvision draws `randperm(4)`), each followed by a clip to [0, 1]. Brightness multiplies (blend with
+  black); contrast blends with the mean of the grey image (a scalar); saturation blends with the grey
+  image; hue rotates the HSV hue by `hue` turns (`tf.image.adjust_hue`). Grey = 0.299 R + 0.587 G + 0.114 B
+  (PIL's "L"). Unlike PIL we keep float32 between ops instead of rounding to uint8 after each op.
+* Gaussian blur: a separable Gaussian with std sigma ~ U(blur_sigma) pixels (PIL's `GaussianBlur(radius)`
+  takes the std too; PIL approximates it with box filters), support ceil(3 * max sigma), edges mirrored.
+* Solarize: PIL's `ImageOps.solarize(threshold=128)` on the uint8 scale: x >= 128/255 -> 1 - x.
+* Eval: torchvision's Resize(round(size / crop_pct)) on the shorter side (longer side truncated as
+  torchvision does) then CenterCrop(size) with its rounding.
+
+Decoding: a JPEG is decoded once per example for all its views: the crop windows are sampled from the
+header (`tf.image.extract_jpeg_shape`) and only the union of the windows (plus a 16 px margin, so that
+libjpeg's chroma upsampling at the crop edge never reaches a view: the views equal those of a full
+decode, bit for bit) is decoded with the fused `tf.io.decode_and_crop_jpeg`. Anything else (PNG named .JPEG, GIF, BMP, and 16-bit PNG) goes through
+`tf.io.decode_image(channels=3, expand_animations=False)`. Both paths give RGB for grey and CMYK input.
+Corrupt data raises an op error; the pipeline drops such examples and names them (see `pipeline.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GREY_WEIGHTS = (0.299, 0.587, 0.114)
+_METHODS = {
+    "bilinear": tf.image.ResizeMethod.BILINEAR,
+    "bicubic": tf.image.ResizeMethod.BICUBIC,
+    "nearest": tf.image.ResizeMethod.NEAREST_NEIGHBOR,
+    "area": tf.image.ResizeMethod.AREA,
+    "lanczos3": tf.image.ResizeMethod.LANCZOS3,
+}
+_JPEG_MARGIN = 16
+# Order of the colour-jitter ops; `jitter_order` holds a permutation of these indices.
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
+    """How one named view is made from an image (all sizes in pixels, probabilities in [0, 1])."""
+    name: str
+    size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    flip_prob: float = 0.5
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: float = 0.0
+    solarize_threshold: float = 128.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.interpolation not in _METHODS:
+            raise ValueError(f"view {self.name}: interpolation {self.interpolation!r} not in {sorted(_METHODS)}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"view {self.name}: crop scale {self.scale} must satisfy 0 < lo <= hi <= 1")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"view {self.name}: crop ratio {self.ratio} must satisfy 0 < lo <= hi")
+        if self.size < 1:
+            raise ValueError(f"view {self.name}: size {self.size} must be positive")
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def _per_view(specs: Sequence[ViewSpec], fn) -> tf.Tensor:
+    return tf.constant([fn(spec) for spec in specs], tf.float32)
+
+
+def sample_crop_windows(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor, specs: Sequence[ViewSpec],
+                        attempts: int = 10) -> tf.Tensor:
+    """torchvision's RandomResizedCrop sampler for every view at once: int32 [V, 4] rows `[top, left, h, w]`.
+
+    Per view: `attempts` tries of area ~ U(scale) * H * W and log-aspect ~ U(log ratio), w and h rounded
+    (half to even, like Python's `round`); the first try that fits is placed uniformly; if none fits, the
+    centre crop of the whole image clamped to the ratio range.
+    """
+    h_img = tf.cast(height, tf.float32)
+    w_img = tf.cast(width, tf.float32)
+    scale_lo, scale_hi = _per_view(specs, lambda s: s.scale[0]), _per_view(specs, lambda s: s.scale[1])
+    ratio_lo, ratio_hi = _per_view(specs, lambda s: s.ratio[0]), _per_view(specs, lambda s: s.ratio[1])
+    u = tf.random.stateless_uniform([len(specs), attempts, 4], seed)
+    target_area = h_img * w_img * (scale_lo[:, None] + (scale_hi - scale_lo)[:, None] * u[..., 0])
+    log_lo, log_hi = tf.math.log(ratio_lo)[:, None], tf.math.log(ratio_hi)[:, None]
+    aspect = tf.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    w = tf.round(tf.sqrt(target_area * aspect))
+    h = tf.round(tf.sqrt(target_area / aspect))
+    fits = (w > 0) & (w <= w_img) & (h > 0) & (h <= h_img)
+    k = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+    pick = lambda t: tf.gather(t, k, batch_dims=1)  # noqa: E731
+    h_k, w_k = pick(h), pick(w)
+    top = tf.floor(pick(u[..., 2]) * (h_img - h_k + 1))
+    left = tf.floor(pick(u[..., 3]) * (w_img - w_k + 1))
+    sampled = tf.stack([top, left, h_k, w_k], axis=1)
+    in_ratio = w_img / h_img
+    fb_w = tf.where(in_ratio > ratio_hi, tf.round(h_img * ratio_hi), w_img)
+    fb_h = tf.where(in_ratio < ratio_lo, tf.round(w_img / ratio_lo), h_img)
+    fb_w, fb_h = tf.clip_by_value(fb_w, 1, w_img), tf.clip_by_value(fb_h, 1, h_img)
+    fallback = tf.stack([tf.floor((h_img - fb_h) / 2), tf.floor((w_img - fb_w) / 2), fb_h, fb_w], axis=1)
+    return tf.cast(tf.where(tf.reduce_any(fits, axis=1)[:, None], sampled, fallback), tf.int32)
+
+
+def sample_view_params(seed: tf.Tensor, specs: Sequence[ViewSpec]) -> dict[str, tf.Tensor]:
+    """Every photometric decision of every view: a dict of [V] tensors (`jitter_order`: [V, 4]).
+
+    Jitter factors follow torchvision: brightness/contrast/saturation ~ U[max(0, 1 - s), 1 + s], hue ~
+    U[-h, h], order = a uniform random permutation of `JITTER_OPS`. Factors are drawn even when the
+    jitter is not applied (as torchvision does); they are then simply unused.
+    """
+    u = tf.random.stateless_uniform([len(specs), 14], seed)
+
+    def factor(x, k):
+        strength = _per_view(specs, lambda s: s.color_jitter[k])
+        lo = tf.maximum(0.0, 1.0 - strength)
+        return lo + (1.0 + strength - lo) * x
+
+    sigma_lo, sigma_hi = _per_view(specs, lambda s: s.blur_sigma[0]), _per_view(specs, lambda s: s.blur_sigma[1])
+    return {
+        "flip": u[:, 0] < _per_view(specs, lambda s: s.flip_prob),
+        "jitter": u[:, 1] < _per_view(specs, lambda s: s.color_jitter_prob),
+        "brightness": factor(u[:, 2], 0),
+        "contrast": factor(u[:, 3], 1),
+        "saturation": factor(u[:, 4], 2),
+        "hue": _per_view(specs, lambda s: s.color_jitter[3]) * (2.0 * u[:, 5] - 1.0),
+        "jitter_order": tf.cast(tf.argsort(u[:, 6:10], axis=1), tf.int32),
+        "grayscale": u[:, 10] < _per_view(specs, lambda s: s.grayscale_prob),
+        "blur": u[:, 11] < _per_view(specs, lambda s: s.blur_prob),
+        "sigma": sigma_lo + (sigma_hi - sigma_lo) * u[:, 12],
+        "solarize": u[:, 13] < _per_view(specs, lambda s: s.solarize_prob),
+    }
+
+
+# ------------------------------------------------------------------------------------------ photometric ops
+# Channel-broadcast ops against a [3] vector are slow in TF on CPU; these stick to scalar or same-shape ops.
+def to_grey(image: tf.Tensor) -> tf.Tensor:
+    """[H, W, 3] -> [H, W, 1] with PIL's "L" weights."""
+    r, g, b = _GREY_WEIGHTS
+    return image[..., 0:1] * r + image[..., 1:2] * g + image[..., 2:3] * b
+
+
+def adjust_brightness(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    return tf.clip_by_value(image * factor, 0.0, 1.0)
+
+
+def adjust_contrast(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    mean = tf.reduce_sum(tf.reduce_mean(image, axis=[0, 1]) * tf.constant(_GREY_WEIGHTS, image.dtype))
+    return tf.clip_by_value(factor * image + (1.0 - factor) * mean, 0.0, 1.0)
+
+
+def adjust_saturation(image: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    return tf.clip_by_value(factor * image + (1.0 - factor) * to_grey(image), 0.0, 1.0)
+
+
+def adjust_hue(image: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
+    return tf.clip_by_value(tf.image.adjust_hue(image, delta), 0.0, 1.0)
+
+
+def color_jitter(image: tf.Tensor, params: dict[str, tf.Tensor]) -> tf.Tensor:
+    """torchvision ColorJitter on a float [0, 1] image with the sampled factors, in the sampled order."""
+    ops = [lambda x: adjust_brightness(x, params["brightness"]),
+           lambda x: adjust_contrast(x, params["contrast"]),
+           lambda x: adjust_saturation(x, params["saturation"]),
+           lambda x: adjust_hue(x, params["hue"])]
+    for k in range(4):
+        image = tf.switch_case(params["jitter_order"][k], [lambda f=f, x=image: f(x) for f in ops])
+    return image
+
+
+def grayscale(image: tf.Tensor) -> tf.Tensor:
+    return tf.tile(to_grey(image), [1, 1, 3])
+
+
+def gaussian_blur(image: tf.Tensor, sigma: tf.Tensor, radius: int) -> tf.Tensor:
+    """Separable Gaussian blur of an [H, W, C] image; `radius` (static) is the half-width of the kernel."""
+    x = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(x / sigma))
+    kernel = kernel / tf.reduce_sum(kernel)
+    channels = image.shape[-1]
+    k_rows = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+    k_cols = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
+    padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
+    out = tf.nn.depthwise_conv2d(padded, k_rows, [1, 1, 1, 1], "VALID")
+    out = tf.nn.depthwise_conv2d(out, k_cols, [1, 1, 1, 1], "VALID")
+    return out[0]
+
+
+def solarize(image: tf.Tensor, threshold: float = 128.0) -> tf.Tensor:
+    """PIL's ImageOps.solarize on the uint8 scale: x >= threshold/255 -> 1 - x."""
+    above = tf.cast(image >= threshold / 255.0, image.dtype)
+    return image + above * (1.0 - 2.0 * image)
+
+
+def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+    """(x - mean) / std, as one multiply-add with same-shape constants when the shape is static."""
+    shape = image.shape
+    if shape.is_fully_defined():
+        scale = tf.constant(np.broadcast_to(1.0 / np.asarray(std, np.float32), shape))
+        offset = tf.constant(np.broadcast_to(-np.asarray(mean, np.float32) / np.asarray(std, np.float32), shape))
+        return image * scale + offset
+    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def blur_radius(spec: ViewSpec) -> int:
+    return max(1, min(int(math.ceil(3.0 * spec.blur_sigma[1])), spec.size - 1))
+
+
+def _group_key(spec: ViewSpec) -> tuple:
+    """Views that share a key are made by one traced function (their probabilities may differ)."""
+    return (spec.size, spec.interpolation, spec.antialias, tuple(spec.mean), tuple(spec.std),
+            spec.solarize_threshold)
+
+
+def apply_view(region: tf.Tensor, window: tf.Tensor, params: dict[str, tf.Tensor], spec: ViewSpec,
+               ops: Sequence[str] = ("flip", "jitter", "grayscale", "blur", "solarize")) -> tf.Tensor:
+    """Crop `window` ([top, left, h, w] in `region`) out of a uint8 image, resize, apply the sampled ops.
+
+    `params` holds one view's scalars from `sample_view_params`; `ops` lists the ops whose decision is
+    looked at (a group of views includes an op when any of them may apply it).
+    """
+    crop = region[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
+    image = tf.image.resize(crop, [spec.size, spec.size], method=_METHODS[spec.interpolation],
+                            antialias=spec.antialias) * (1.0 / 255.0)
+    if spec.interpolation not in ("bilinear", "nearest", "area"):
+        image = tf.clip_by_value(image, 0.0, 1.0)  # bicubic/lanczos overshoot; PIL clips to uint8
+    if "flip" in ops:  # a reverse over a dynamic (possibly empty) axis list: no branch needed
+        image = tf.reverse(image, tf.boolean_mask(tf.constant([1]), params["flip"][None]))
+    if "jitter" in ops:
+        image = tf.cond(params["jitter"], lambda: color_jitter(image, params), lambda: image)
+    if "grayscale" in ops:
+        image = tf.cond(params["grayscale"], lambda: grayscale(image), lambda: image)
+    if "blur" in ops:
+        radius = blur_radius(spec)
+        image = tf.cond(params["blur"], lambda: gaussian_blur(image, params["sigma"], radius), lambda: image)
+    if "solarize" in ops:
+        image = tf.cond(params["solarize"], lambda: solarize(image, spec.solarize_threshold), lambda: image)
+    image.set_shape([spec.size, spec.size, 3])
+    return normalize(image, spec.mean, spec.std)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+def is_jpeg(encoded: tf.Tensor) -> tf.Tensor:
+    return tf.equal(tf.strings.substr(encoded, 0, 3), b"\xff\xd8\xff")
+
+
+def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
+    """Any image file -> uint8 [H, W, 3] (grey, CMYK, palette, RGBA, 16-bit and PNG-named-JPEG included)."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def as_rgb(image: tf.Tensor) -> tf.Tensor:
+    """uint8 [H, W] / [H, W, 1] / [H, W, 3] array -> [H, W, 3]."""
+    if image.shape.rank == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = tf.tile(image, [1, 1, 3])
+    image.set_shape([None, None, 3])
+    return tf.cast(image, tf.uint8)
+
+
+def decode_region(image: tf.Tensor, sample_windows) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Decodes once what all views need. `sample_windows(height, width)` returns int32 [V, 4] windows.
+
+    Returns `(region uint8 [h, w, 3], windows relative to the region [V, 4], image shape int32 [2])`. For
+    a JPEG only the union of the windows is decoded (fused decode+crop); other inputs are decoded whole.
+    `image` is an encoded string or a uint8 array.
+    """
+    if image.dtype != tf.string:
+        image = as_rgb(image)
+        shape = tf.shape(image)[:2]
+        return image, sample_windows(shape[0], shape[1]), shape
+
+    def jpeg():
+        shape = tf.image.extract_jpeg_shape(image)[:2]
+        windows = sample_windows(shape[0], shape[1])
+        # libjpeg's cropped decode upsamples chroma differently in the window's edge pixels: keep a margin
+        # of one MCU (16 px) so that every view sees exactly the pixels of a full decode.
+        top_left = tf.maximum(tf.reduce_min(windows[:, :2], axis=0) - _JPEG_MARGIN, 0)
+        bottom_right = tf.minimum(tf.reduce_max(windows[:, :2] + windows[:, 2:], axis=0) + _JPEG_MARGIN, shape)
+        union = tf.concat([top_left, bottom_right - top_left], axis=0)
+        region = tf.io.decode_and_crop_jpeg(image, union, channels=3)
+        offset = tf.concat([top_left, [0, 0]], axis=0)
+        return region, windows - offset[None], shape
+
+    def other():
+        decoded = decode_rgb(image)
+        shape = tf.shape(decoded)[:2]
+        return decoded, sample_windows(shape[0], shape[1]), shape
+
+    region, windows, shape = tf.cond(is_jpeg(image), jpeg, other)
+    region.set_shape([None, None, 3])
+    return region, windows, shape
+
+
+# ----------------------------------------------------------------------------------------------- recipes
+def _used_ops(specs: Sequence[ViewSpec]) -> tuple[str, ...]:
+    probs = {"flip": lambda s: s.flip_prob, "jitter": lambda s: s.color_jitter_prob,
+             "grayscale": lambda s: s.grayscale_prob, "blur": lambda s: s.blur_prob,
+             "solarize": lambda s: s.solarize_prob}
+    return tuple(op for op, p in probs.items() if any(p(s) > 0 for s in specs))
+
+
+def decode_for_views(image: tf.Tensor, seed: tf.Tensor, specs: Sequence[ViewSpec]
+                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Stage 1 (may fail on corrupt data): sample the crop windows and decode what they cover.
+
+    Returns `(region uint8 [h, w, 3], windows relative to the region int32 [V, 4], image shape [2])`.
+    """
+    window_seed = tf.random.experimental.stateless_fold_in(seed, 0)
+    return decode_region(image, lambda height, width: sample_crop_windows(window_seed, height, width, specs))
+
+
+def views_from_region(region: tf.Tensor, windows: tf.Tensor, seed: tf.Tensor,
+                      specs: Sequence[ViewSpec]) -> dict[str, tf.Tensor]:
+    """Stage 2 (never fails on data): crop, resize and augment every view from the decoded region.
+
+    Views with the same size/interpolation are made by one `tf.map_fn` body, so the traced graph does
+    not grow with the number of local crops.
+    """
+    specs = list(specs)
+    params = sample_view_params(tf.random.experimental.stateless_fold_in(seed, 1), specs)
+    groups: dict[tuple, list[int]] = {}
+    for i, spec in enumerate(specs):
+        groups.setdefault(_group_key(spec), []).append(i)
+    views = {}
+    for members in groups.values():
+        group_specs = [specs[i] for i in members]
+        # One static spec for the group: the blur kernel must be wide enough for the largest sigma.
+        spec = dataclasses.replace(group_specs[0], blur_sigma=(0.0, max(s.blur_sigma[1] for s in group_specs)))
+        ops = _used_ops(group_specs)
+        view_params = lambda i: {k: v[i] for k, v in params.items()}  # noqa: E731
+        if len(members) == 1:
+            outs = [apply_view(region, windows[i], view_params(i), spec, ops) for i in members]
+        else:
+            idx = tf.constant(members, tf.int32)
+            stacked = tf.map_fn(lambda j, idx=idx, spec=spec, ops=ops: apply_view(
+                region, windows[idx[j]], view_params(idx[j]), spec, ops), tf.range(len(members)),
+                fn_output_signature=tf.TensorSpec([spec.size, spec.size, 3], tf.float32))
+            outs = tf.unstack(stacked)
+        for i, out in zip(members, outs):
+            views[specs[i].name] = out
+    return views
+
+
+def make_views(image: tf.Tensor, seed: tf.Tensor, specs: Sequence[ViewSpec], *,
+               return_params: bool = False) -> dict[str, Any] | tuple[dict[str, Any], dict[str, Any]]:
+    """All views of one example: `{spec.name: float32 [size, size, 3]}`, normalised.
+
+    `image` is an encoded string or a uint8 array; `seed` the example's stateless seed (int64 [2]);
+    both stages in one call. With `return_params`, also returns per view the sampled decisions plus
+    `crop` (absolute [top, left, h, w]) and `image_shape`, for exact tests of the recipe.
+    """
+    region, windows, shape = decode_for_views(image, seed, specs)
+    views = views_from_region(region, windows, seed, specs)
+    if not return_params:
+        return views
+    params = sample_view_params(tf.random.experimental.stateless_fold_in(seed, 1), specs)
+    absolute = sample_crop_windows(tf.random.experimental.stateless_fold_in(seed, 0), shape[0], shape[1], specs)
+    report = {spec.name: dict({k: v[i] for k, v in params.items()}, crop=absolute[i], image_shape=shape)
+              for i, spec in enumerate(specs)}
+    return views, report
+
+
+def eval_view(image: tf.Tensor, size: int, crop_pct: float = 0.875, interpolation: str = "bilinear",
+              mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+              antialias: bool = True) -> tf.Tensor:
+    """torchvision Resize(round(size / crop_pct)) + CenterCrop(size) + normalise; `image` encoded or uint8."""
+    image = decode_rgb(image) if image.dtype == tf.string else as_rgb(image)
+    return eval_transform(image, size, crop_pct, interpolation, mean, std, antialias)
+
+
+def eval_transform(image: tf.Tensor, size: int, crop_pct: float = 0.875, interpolation: str = "bilinear",
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                   antialias: bool = True) -> tf.Tensor:
+    """`eval_view` of a decoded uint8 [H, W, 3] image."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"eval crop_pct must be in (0, 1], got {crop_pct}")
+    resize = int(round(size / crop_pct))
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    short, long = tf.minimum(h, w), tf.maximum(h, w)
+    # torchvision: the longer side is int(resize * long / short), i.e. truncated.
+    new_long = tf.cast(tf.cast(resize, tf.float64) * tf.cast(long, tf.float64) / tf.cast(short, tf.float64), tf.int32)
+    new_h, new_w = tf.where(h <= w, resize, new_long), tf.where(h <= w, new_long, resize)
+    resized = tf.image.resize(image, tf.stack([new_h, new_w]), method=_METHODS[interpolation], antialias=antialias)
+    # torchvision CenterCrop: int(round((H - size) / 2)), round half to even.
+    top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2), tf.int32)
+    crop = resized[top:top + size, left:left + size] * (1.0 / 255.0)
+    crop.set_shape([size, size, 3])
+    if interpolation not in ("bilinear", "nearest", "area"):
+        crop = tf.clip_by_value(crop, 0.0, 1.0)
+    return normalize(crop, mean, std)

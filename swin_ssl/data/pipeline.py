@@ -1,0 +1,407 @@
+"""tf.data pipelines: per-host sharding, deterministic shuffling, views, batching, padding, global arrays.
+
+Entry points (everything else is plumbing)::
+
+    cfg = default_config("moby", source="imagenet2012", data_dir="gs://...")      # an ml_collections ConfigDict
+    it = make_train_iterator(cfg, batch_size_per_host=64, process_index=jax.process_index(),
+                             process_count=jax.process_count(), seed=0, start_step=state.step)
+    batch = next(it)                                  # {"view1", "view2"} float32 NHWC numpy, per host
+    batch = to_global_arrays(batch, NamedSharding(mesh, P("data")))   # global jax.Arrays
+    for batch in make_eval_iterator(cfg, batch_size_per_host=256, process_index=..., process_count=...):
+        ...                                           # {"image", "label" int32, "mask" bool}
+
+Config fields (`default_config` fills every one; `augment` picks the recipe's defaults):
+
+=====================  ====================================================================================
+source                 "fashion_mnist" (default) | "folder" | "imagenet2012" | any TFDS name ("tfds:NAME" too)
+data_dir               Fashion-MNIST IDX dir / folder root with <split>/<class>/<image> / TFDS data_dir; None:
+                       Fashion-MNIST lookup order, TFDS default dir
+manual_dir             TFDS manual_dir (imagenet2012 tars); when set and the data set is not prepared, it is
+train_split            "train"; slices like "train[:1000]" work for every source
+eval_split             "validation" (folder: "val" or "validation"; Fashion-MNIST: "test")
+image_key, label_key   TFDS feature names ("image", "label")
+augment                "moby" {view1, view2} | "multicrop" {global0, global1, local0..} | "linear" {image, label}
+image_size             view / global crop / linear crop / eval crop size (224)
+crop_scale, crop_ratio RandomResizedCrop of views, global crops and the linear crop ((0.08, 1) or (0.4, 1); (3/4, 4/3))
+interpolation          "bilinear" (MoBY, linear train) | "bicubic" (multi-crop)
+antialias              low-pass filter when shrinking, as PIL does (True); False is faster and aliases
+num_local_crops        N local crops (8); local_size (96), local_scale ((0.05, 0.4))
+flip_prob              0.5
+color_jitter           (brightness, contrast, saturation, hue) strengths (0.4, 0.4, 0.2, 0.1)
+color_jitter_prob      0.8
+grayscale_prob         0.2
+blur_sigma             Gaussian blur std range in output pixels ((0.1, 2.0); scale it down for tiny views)
+blur_prob              per view (view1, view2) or (global0, global1): (1.0, 0.1)
+solarize_prob          per view: (0.0, 0.2); solarize_threshold 128 (uint8 scale)
+local_blur_prob        0.5; local_solarize_prob 0.0
+mean, std              ImageNet mean/std of [0, 1] RGB
+eval_crop_pct          eval resizes the shorter side to round(image_size / eval_crop_pct), then centre-crops (0.875)
+eval_interpolation     "bilinear" (MoBY linear eval) | "bicubic" (DINO/EsViT k-NN and linear eval)
+shuffle_buffer         TFDS only (folders and Fashion-MNIST are fully permuted each epoch): 50_000
+num_parallel_calls     -1 = AUTOTUNE
+threads                tf.data private thread pool size; 0 = TF's shared pool
+prefetch               host batches prefetched (2)
+=====================  ====================================================================================
+
+Determinism and resuming. Host `h` owns a fixed slice of the split and walks an infinite stream of
+positions p = 0, 1, 2, ...; position p is example `perm_e(p mod n)` of epoch `e = p // n`, where `perm_e`
+is a permutation seeded by `(seed, h, e)`, and its augmentations use the stateless seed
+`fold_in((seed, h), p)`. Training batch k holds positions [k*B, (k+1)*B), so `start_step=s` starts the
+stream at position s*B and a resumed run reproduces the batches of an uninterrupted one, bit for bit
+(folders and Fashion-MNIST: O(1), via `index_shuffle`; TFDS: epoch e is re-shuffled with its seed and
+`(s*B) mod n` records are read and dropped, undecoded). Resuming with another batch size or host count
+gives a different, equally valid, stream. Undecodable files are dropped from the stream (see below); each
+one dropped before the resume point shifts the resumed stream by one example.
+
+Broken files. A corrupt or truncated image raises inside the decode map; `ignore_errors` drops it, and the
+Python iterator sees the gap in the positions it carries, logs a warning naming the file and counts it
+(`iterator.num_skipped`, `iterator.skipped`). At construction the first examples are decoded once: if none
+of them decodes the pipeline fails at once instead of silently skipping everything.
+
+Evaluation visits every example of the split exactly once across hosts, in order, with the last batch of
+each host padded (`mask` False, image zeros, label -1); all hosts run the same number of batches,
+`ceil(max host count / batch_size_per_host)`, so collective eval steps never deadlock.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from typing import Any, Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from swin_ssl.data import augment as aug
+from swin_ssl.data import sources
+
+try:  # TensorFlow must never take an accelerator from JAX (tensorflow-cpu has none; be safe anyway).
+    tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):
+    pass
+
+log = logging.getLogger(__name__)
+_MAX_POS = 2**62
+_PROBE = 4
+_MAX_NAMES = 1000
+RECIPES = ("moby", "multicrop", "linear")
+
+
+def default_config(augment: str = "moby", **overrides: Any) -> ml_collections.ConfigDict:
+    """The data config section with every field set to the recipe's reference values (then `overrides`)."""
+    if augment not in RECIPES:
+        raise ValueError(f"augment must be one of {RECIPES}, got {augment!r}")
+    multicrop = augment == "multicrop"
+    cfg = ml_collections.ConfigDict(dict(
+        source="fashion_mnist", data_dir=None, manual_dir=None, train_split="train", eval_split="validation",
+        image_key="image", label_key="label",
+        augment=augment,
+        image_size=224,
+        crop_scale=(0.4, 1.0) if multicrop else (0.08, 1.0),
+        crop_ratio=(3 / 4, 4 / 3),
+        interpolation="bicubic" if multicrop else "bilinear", antialias=True,
+        num_local_crops=8, local_size=96, local_scale=(0.05, 0.4),
+        flip_prob=0.5,
+        color_jitter=(0.4, 0.4, 0.2, 0.1), color_jitter_prob=0.8,
+        grayscale_prob=0.2,
+        blur_sigma=(0.1, 2.0), blur_prob=(1.0, 0.1),
+        solarize_prob=(0.0, 0.2), solarize_threshold=128.0,
+        local_blur_prob=0.5, local_solarize_prob=0.0,
+        mean=aug.IMAGENET_MEAN, std=aug.IMAGENET_STD,
+        eval_crop_pct=0.875,
+        eval_interpolation="bicubic" if multicrop else "bilinear",
+        shuffle_buffer=50_000, num_parallel_calls=-1, threads=0, prefetch=2,
+    ))
+    for key, value in overrides.items():
+        if key not in cfg:
+            raise KeyError(f"unknown data config field {key!r}")
+        setattr(cfg, key, value)
+    return cfg
+
+
+def _get(config: Any, key: str):
+    """Reads a field, falling back to the recipe default so partial configs work too."""
+    if key in config:
+        return config[key]
+    return default_config(config.get("augment", "moby"))[key]
+
+
+def view_specs(config: Any) -> list[aug.ViewSpec]:
+    """The named views the training recipe makes, in the order of the batch contract."""
+    recipe = _get(config, "augment")
+    common = dict(ratio=tuple(_get(config, "crop_ratio")), antialias=bool(_get(config, "antialias")),
+                  flip_prob=_get(config, "flip_prob"), color_jitter=tuple(_get(config, "color_jitter")),
+                  color_jitter_prob=_get(config, "color_jitter_prob"), grayscale_prob=_get(config, "grayscale_prob"),
+                  blur_sigma=tuple(_get(config, "blur_sigma")), solarize_threshold=_get(config, "solarize_threshold"),
+                  mean=tuple(_get(config, "mean")), std=tuple(_get(config, "std")))
+    size, scale, interp = _get(config, "image_size"), tuple(_get(config, "crop_scale")), _get(config, "interpolation")
+    if recipe == "linear":
+        return [aug.ViewSpec("image", size, scale, common["ratio"], interp, common["antialias"],
+                             flip_prob=common["flip_prob"], color_jitter_prob=0.0, grayscale_prob=0.0,
+                             mean=common["mean"], std=common["std"])]
+    blur, solar = tuple(_get(config, "blur_prob")), tuple(_get(config, "solarize_prob"))
+    if len(blur) != 2 or len(solar) != 2:
+        raise ValueError(f"blur_prob {blur} and solarize_prob {solar} need one value per view (2)")
+    names = ("view1", "view2") if recipe == "moby" else ("global0", "global1")
+    specs = [aug.ViewSpec(n, size, scale, interpolation=interp, blur_prob=b, solarize_prob=s, **common)
+             for n, b, s in zip(names, blur, solar)]
+    if recipe == "multicrop":
+        specs += [aug.ViewSpec(f"local{i}", _get(config, "local_size"), tuple(_get(config, "local_scale")),
+                               interpolation=interp, blur_prob=_get(config, "local_blur_prob"),
+                               solarize_prob=_get(config, "local_solarize_prob"), **common)
+                  for i in range(_get(config, "num_local_crops"))]
+    elif recipe != "moby":
+        raise ValueError(f"augment must be one of {RECIPES}, got {recipe!r}")
+    return specs
+
+
+def _options(config: Any) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1
+    if _get(config, "threads"):
+        options.threading.private_threadpool_size = _get(config, "threads")
+    return options
+
+
+def _parallel(config: Any) -> int:
+    parallel = _get(config, "num_parallel_calls")
+    return tf.data.AUTOTUNE if parallel in (None, -1) else parallel
+
+
+def _host_seed(seed: int, process_index: int) -> tf.Tensor:
+    return tf.constant([seed, process_index], tf.int64)
+
+
+def _epoch_seed(seed: int, process_index: int, epoch: tf.Tensor) -> tf.Tensor:
+    return tf.random.experimental.stateless_fold_in(tf.constant([seed + 1_000_003, process_index], tf.int64), epoch)
+
+
+def _train_positions(source, seed: int, process_index: int, start: int, shuffle_buffer: int) -> tf.data.Dataset:
+    """Infinite stream of `(position, example)` from `start`, reshuffled every epoch (see module doc)."""
+    n = source.num_examples
+    if source.random_access:
+        @tf.autograph.experimental.do_not_convert
+        def lookup(pos):
+            index = tf.random.experimental.index_shuffle(pos % n, _epoch_seed(seed, process_index, pos // n), n - 1)
+            return pos, source.get(index)
+        return tf.data.Dataset.range(start, _MAX_POS).map(lookup, num_parallel_calls=tf.data.AUTOTUNE)
+    records = source.stream()
+
+    @tf.autograph.experimental.do_not_convert
+    def epoch(e):
+        shuffled = records.shuffle(shuffle_buffer, seed=_epoch_seed(seed, process_index, e)[0],
+                                   reshuffle_each_iteration=False)
+        return shuffled.enumerate().map(lambda i, ex: (e * n + i, ex))
+    return tf.data.Dataset.range(start // n, _MAX_POS).flat_map(epoch).skip(start % n)
+
+
+def _train_stages(config: Any, seed: int, process_index: int):
+    """The two maps of the training pipeline: decode (may fail on bad data) and views (never does)."""
+    specs = view_specs(config)
+    host_seed = _host_seed(seed, process_index)
+    linear = _get(config, "augment") == "linear"
+
+    @tf.function(autograph=False)  # traced once, shared by the start-up probe and the pipeline
+    def decode(pos, example):
+        seed_ = tf.random.experimental.stateless_fold_in(host_seed, pos)
+        region, windows, _ = aug.decode_for_views(example["image"], seed_, specs)
+        return {"region": region, "windows": windows, "label": example["label"], "_pos": pos}
+
+    @tf.autograph.experimental.do_not_convert
+    def views(element):
+        seed_ = tf.random.experimental.stateless_fold_in(host_seed, element["_pos"])
+        out = aug.views_from_region(element["region"], element["windows"], seed_, specs)
+        if linear:
+            out["label"] = element["label"]
+        out["_pos"] = element["_pos"]
+        return out
+    return decode, views
+
+
+def _in_order(source) -> tf.data.Dataset:
+    """`(index, example)` of the host shard in its stored order."""
+    if source.random_access:
+        return tf.data.Dataset.range(source.num_examples).map(
+            tf.autograph.experimental.do_not_convert(lambda i: (i, source.get(i))))
+    return source.stream().enumerate()
+
+
+def _check_decodable(source, decode_fn, config: Any) -> None:
+    """Fails now, with the error, when none of the first examples decodes (a wrong source, say).
+
+    Without this a pipeline whose every example fails would skip forever instead of failing.
+    """
+    if isinstance(source, sources.ArraySource):  # in-memory arrays cannot fail to decode
+        return
+    errors = []
+    it = iter(_in_order(source).take(_PROBE).map(decode_fn).with_options(_options(config)))
+    for _ in range(_PROBE):
+        try:
+            next(it)
+            return
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:
+            errors.append(e.message.strip().splitlines()[0])
+    raise RuntimeError(f"none of the first {_PROBE} examples of {source.name} could be decoded: {errors}")
+
+
+class _SkipTracker:
+    """Finds the positions `ignore_errors` dropped (gaps in the ascending positions) and names the files."""
+
+    def __init__(self, source, locate, expected: int):
+        self.source, self.locate, self.expected = source, locate, expected
+        self.num_skipped, self.skipped, self._warned = 0, [], set()
+
+    def see(self, positions: np.ndarray) -> None:
+        for pos in positions[positions >= 0].tolist():  # padding carries -1
+            self.missing(self.expected, pos)
+            self.expected = pos + 1
+
+    def missing(self, first: int, stop: int) -> None:
+        for pos in range(first, stop):
+            name = self.source.describe(self.locate(pos))
+            self.num_skipped += 1
+            if len(self.skipped) < _MAX_NAMES:
+                self.skipped.append(name)
+            if name not in self._warned:  # once per file; every epoch meets it again
+                self._warned.add(name)
+                log.warning("skipped an undecodable image: %s (%d skipped so far)", name, self.num_skipped)
+
+
+class TrainIterator:
+    """Host batches of the training stream as dicts of numpy arrays; `dataset` is the tf.data pipeline."""
+
+    def __init__(self, dataset: tf.data.Dataset, tracker: _SkipTracker):
+        self.dataset, self._tracker = dataset, tracker
+        self._it = dataset.as_numpy_iterator()
+
+    def __iter__(self) -> "TrainIterator":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        self._tracker.see(batch.pop("_pos"))
+        return batch
+
+    @property
+    def num_skipped(self) -> int:
+        return self._tracker.num_skipped
+
+    @property
+    def skipped(self) -> list[str]:
+        return self._tracker.skipped
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return process_index, process_count
+
+
+def make_train_iterator(config: Any, *, batch_size_per_host: int, process_index: int | None = None,
+                        process_count: int | None = None, seed: int = 0, start_step: int = 0,
+                        split: str | None = None) -> TrainIterator:
+    """Infinite iterator of this host's training batches (`augment` decides the keys), from `start_step`."""
+    process_index, process_count = _process(process_index, process_count)
+    split = split or _get(config, "train_split")
+    source = sources.make_source(config, split, process_index, process_count)
+    n = source.num_examples
+    if n == 0:
+        raise ValueError(f"{source.name}: host {process_index} of {process_count} has no training examples")
+    start = start_step * batch_size_per_host
+    decode, views = _train_stages(config, seed, process_index)
+    _check_decodable(source, decode, config)
+    parallel = _parallel(config)
+    ds = _train_positions(source, seed, process_index, start, _get(config, "shuffle_buffer"))
+    ds = ds.map(decode, num_parallel_calls=parallel).ignore_errors()  # drops broken files; see _SkipTracker
+    ds = ds.map(views, num_parallel_calls=parallel)
+    ds = ds.batch(batch_size_per_host, drop_remainder=True)
+    ds = ds.prefetch(_get(config, "prefetch")).with_options(_options(config))
+
+    def locate(pos: int) -> int:
+        if not source.random_access:
+            return pos
+        seed_e = _epoch_seed(seed, process_index, tf.constant(pos // n, tf.int64))
+        return int(tf.random.experimental.index_shuffle(tf.constant(pos % n, tf.int64), seed_e, n - 1))
+    return TrainIterator(ds, _SkipTracker(source, locate, start))
+
+
+class EvalIterable:
+    """Re-iterable padded eval batches `{"image", "label", "mask"}` of one split; `len()` = batches per host."""
+
+    def __init__(self, dataset: tf.data.Dataset, source, num_batches: int):
+        self.dataset, self.source, self.num_batches = dataset, source, num_batches
+        self.num_examples = int(sum(source.host_counts))  # over all hosts
+        self.num_skipped, self.skipped = 0, []
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        tracker = _SkipTracker(self.source, lambda pos: pos, 0)
+        for batch in self.dataset.as_numpy_iterator():
+            tracker.see(batch.pop("_pos"))
+            yield batch
+        tracker.missing(tracker.expected, self.source.num_examples)
+        self.num_skipped, self.skipped = tracker.num_skipped, tracker.skipped
+
+
+def make_eval_iterator(config: Any, *, batch_size_per_host: int, process_index: int | None = None,
+                       process_count: int | None = None, split: str | None = None) -> EvalIterable:
+    """Every example of `split` (default `eval_split`) once across hosts, eval-transformed, padded + masked."""
+    process_index, process_count = _process(process_index, process_count)
+    split = split or _get(config, "eval_split")
+    source = sources.make_source(config, split, process_index, process_count)
+    size = _get(config, "image_size")
+    num_batches = math.ceil(max(source.host_counts) / batch_size_per_host)
+
+    @tf.function(autograph=False)
+    def decode(pos, example):
+        image = example["image"]
+        image = aug.decode_rgb(image) if image.dtype == tf.string else aug.as_rgb(image)
+        return {"image": image, "label": tf.cast(example["label"], tf.int32), "_pos": pos}
+
+    @tf.autograph.experimental.do_not_convert
+    def transform(element):
+        image = aug.eval_transform(element["image"], size, _get(config, "eval_crop_pct"),
+                                   _get(config, "eval_interpolation"), tuple(_get(config, "mean")),
+                                   tuple(_get(config, "std")), bool(_get(config, "antialias")))
+        return {"image": image, "label": element["label"], "mask": tf.constant(True), "_pos": element["_pos"]}
+
+    if source.num_examples:
+        _check_decodable(source, decode, config)
+    parallel = _parallel(config)
+    ds = _in_order(source).map(decode, num_parallel_calls=parallel).ignore_errors()
+    ds = ds.map(transform, num_parallel_calls=parallel)
+    padding = tf.data.Dataset.from_tensors({
+        "image": tf.zeros([size, size, 3], tf.float32), "label": tf.constant(-1, tf.int32),
+        "mask": tf.constant(False), "_pos": tf.constant(-1, tf.int64)}).repeat()
+    ds = ds.concatenate(padding).take(num_batches * batch_size_per_host)
+    ds = ds.batch(batch_size_per_host, drop_remainder=True).prefetch(_get(config, "prefetch"))
+    return EvalIterable(ds.with_options(_options(config)), source, num_batches)
+
+
+# ------------------------------------------------------------------------------------------ global arrays
+def to_global_arrays(batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
+    """Host batch -> global `jax.Array`s with `sharding` (e.g. `NamedSharding(mesh, P("data"))`).
+
+    Every host passes its own batch; the global batch is the concatenation over hosts in process order.
+    """
+    import jax
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def global_batches(iterator, sharding, prefetch: int = 2) -> Iterator[dict[str, Any]]:
+    """Yields `to_global_arrays` of each batch, keeping `prefetch` transfers in flight (they are async)."""
+    queue = collections.deque()
+    for batch in iterator:
+        queue.append(to_global_arrays(batch, sharding))
+        if len(queue) > prefetch:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
