@@ -4,8 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 FMNIST_CACHE ?= $(HOME)/.cache/swin_ssl/fashion-mnist
-# Tests and the demo simulate 8 devices on the CPU.
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 OBJECTIVE ?= moby
 DEMO_DIR ?= runs/demo_$(OBJECTIVE)
@@ -32,8 +30,9 @@ fmnist:
 	  $(PY) -m swin_ssl.data.fashion_mnist --fetch --cache $(FMNIST_CACHE); \
 	fi
 
+# The suite simulates 8 devices on the CPU (tests/conftest.py sets the flags).
 test: install fmnist
-	$(PY) -m pytest -q -x tests
+	$(PY) -m pytest -q tests
 
 demo: install fmnist
 	$(PY) -m swin_ssl.demo --objective $(OBJECTIVE) --workdir $(DEMO_DIR)

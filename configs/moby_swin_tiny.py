@@ -1,0 +1,73 @@
+r"""MoBY with a Swin-T backbone (Transformer-SSL ``configs/moby_swin_tiny.yaml``).
+
+Presets (``--config configs/moby_swin_tiny.py:<preset>``):
+  paper300  the official recipe: 300 epochs, batch 512, ImageNet-1K (TFDS ``imagenet2012``), AdamW lr 1e-3,
+            wd 0.05, 5 warmup epochs, cosine, clip 5, drop path 0.2/0.0, queue 4096, T 0.2, momentum 0.99 -> 1.
+            (Reported linear top-1: 75.0 paper / 75.3 README.) Default.
+  paper100  the same for 100 epochs (reported 70.9).
+  demo      ``swin_nano`` on Fashion-MNIST at 32 px on the CPU: 700 steps of batch 64, heads 512->128, queue 1024
+            (~1.1 s of CPU time per step, 8 simulated devices). A sanity run, not a result: measured k-NN (k=20)
+            74.6 % vs 69.4 % for the random-init network and 84.6 % for raw pixels.
+  smoke     ``swin_test`` on synthetic data, a handful of steps: exercises every code path in seconds (tests).
+
+Example::
+
+    python train.py --config configs/moby_swin_tiny.py:smoke --workdir /tmp/moby_smoke
+    python train.py --config configs/moby_swin_tiny.py:paper300 --workdir gs://.../moby_swin_t \
+        --config.data.data_dir=/data/tfds --config.batch_size=1024
+    # ImageNet as an image folder instead of TFDS:
+    python train.py --config configs/moby_swin_tiny.py --config.data.name=image_folder \
+        --config.data.data_dir=/data/imagenet/train --workdir runs/moby
+"""
+import os
+import sys
+
+try:
+    from configs import common
+except ImportError:  # loaded by path (config_flags) from outside the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import common
+
+
+def _paper300(c):
+    pass
+
+
+def _paper100(c):
+    c.total_epochs = 100.0
+
+
+def _demo(c):
+    c.model.name = "swin_nano"
+    c.data = common.data_config("fashion_mnist", 32, common.FASHION_MNIST_TRAIN_EXAMPLES)  # "": system dir or cache
+    c.data.crop_scale = (0.2, 1.0)  # 28-px garments: ImageNet's 0.08 would leave a few pixels of texture
+    c.data.blur_sigma = (0.1 * 32 / 224, 2.0 * 32 / 224)  # the reference blur range scaled to 32-px views
+    c.batch_size = 64
+    common.scale_heads(c, hidden=512, dim=128, queue=1024)
+    c.total_epochs = 1.0e9  # bounded by total_steps below
+    c.total_steps = 700
+    c.warmup_steps = 50
+    c.optim.base_lr = 1e-3 * 512 / 64  # lr 1e-3 at batch 64 (8x linear scaling) for a short run; not tuned
+    c.log_every_steps = 25
+    c.checkpoint_every_steps = 200
+    c.keep_checkpoints = 2
+
+
+def _smoke(c):
+    c.model.name = "swin_test"
+    c.data = common.data_config("synthetic", 32, 256)
+    c.batch_size = 16
+    common.scale_heads(c, hidden=64, dim=32, queue=64)
+    c.total_steps = 6
+    c.warmup_steps = 2
+    c.log_every_steps = 2
+    c.checkpoint_every_steps = 3
+    c.keep_checkpoints = 2
+
+
+PRESETS = {"paper300": _paper300, "paper100": _paper100, "demo": _demo, "smoke": _smoke}
+
+
+def get_config(arg: str | None = None):
+    c = common.moby_config("swin_tiny", epochs=300, batch_size=512)
+    return common.apply_preset(c, arg, PRESETS)

@@ -1,0 +1,171 @@
+"""Shared pieces of the evaluators: the data mesh, padded in-memory batches and feature extraction.
+
+Evaluation must see every example exactly once, on any number of devices. Eval batches therefore have a
+fixed size (so one compiled function serves every batch) and carry a boolean ``mask`` that is False on
+padding; the padded rows are computed like any other row and dropped on the host afterwards by the mask.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+PyTree = Any
+Batch = Mapping[str, Any]
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+# Feature kinds an evaluator can read off the backbone (``model.apply`` returns ``(out, features)``):
+#   pooled       final-norm, average-pooled last-stage tokens (Swin) / normed CLS (ViT) -- k-NN, MoBY linear
+#   last_blocks  the last ``n_last_blocks`` entries of ``features["block_pooled"]`` concatenated: EsViT's
+#                linear protocol for Swin (2304-d for Swin-T with n=4), DINO's for ViT (CLS of the last n blocks)
+#   cls_avgpool  DINO's ViT-B variant: CLS of the last block ++ average of the final patch tokens
+#   raw_pixels   the flattened input image (baseline); see ``raw_pixel_features``
+FEATURE_KINDS = ("pooled", "last_blocks", "cls_avgpool", "raw_pixels")
+
+
+def data_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
+    """1-D ``("data",)`` mesh with ``AxisType.Auto`` (Swin's window reshapes fail under Explicit axes)."""
+    devices = np.asarray(list(devices) if devices is not None else jax.devices())
+    return Mesh(devices, ("data",), axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def row_sharded(mesh: Mesh) -> NamedSharding:
+    """Leading (example) axis split over "data", the rest replicated."""
+    return NamedSharding(mesh, P("data"))
+
+
+def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds in full -> a global array with ``sharding`` (multi-host safe)."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def pad_rows(x: np.ndarray, multiple: int, value: Any = 0) -> np.ndarray:
+    """Pads axis 0 up to a multiple of ``multiple`` with ``value``."""
+    extra = (-x.shape[0]) % multiple
+    if extra == 0:
+        return x
+    pad = np.full((extra,) + x.shape[1:], value, dtype=x.dtype)
+    return np.concatenate([x, pad], axis=0)
+
+
+def padded_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict]:
+    """Fixed-size batches over in-memory arrays; the last one is zero-padded and ``mask`` marks real rows.
+
+    A stand-in for the data engineer's eval pipelines on data that fits in memory (tests, Fashion-MNIST,
+    cached features): same batch format ``{..., "mask"}`` and the same exactly-once guarantee.
+    """
+    n = len(next(iter(arrays.values())))
+    if any(len(v) != n for v in arrays.values()):
+        raise ValueError(f"padded_batches: arrays of different lengths {[len(v) for v in arrays.values()]}")
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        batch = {k: pad_rows(np.asarray(v[start:stop]), batch_size) for k, v in arrays.items()}
+        batch["mask"] = np.arange(batch_size) < stop - start
+        yield batch
+
+
+def raw_pixel_features(images: jax.Array, denormalize: bool = True) -> jax.Array:
+    """Flattened pixels. With ``denormalize`` the ImageNet mean/std normalisation of the pipeline is undone first,
+    so cosine similarity is computed on [0, 1] intensities as in the usual raw-pixel k-NN baseline (cosine is
+    invariant to scale, not to the per-channel shift the normalisation adds)."""
+    x = images.astype(jnp.float32)
+    if denormalize and x.shape[-1] == 3:
+        x = x * IMAGENET_STD + IMAGENET_MEAN
+    return x.reshape(x.shape[0], -1)
+
+
+def select_features(features: Mapping[str, Any], kind: str, n_last_blocks: int = 4) -> jax.Array:
+    """Reads one feature kind off the backbone's ``features`` dict (see FEATURE_KINDS)."""
+    if kind == "pooled":
+        return features["pooled"]
+    if kind == "last_blocks":
+        blocks = features["block_pooled"]
+        if len(blocks) < n_last_blocks:
+            raise ValueError(f"last_blocks: the model has {len(blocks)} blocks, fewer than n_last_blocks={n_last_blocks}")
+        return jnp.concatenate(blocks[-n_last_blocks:], axis=-1)
+    if kind == "cls_avgpool":
+        tokens = features["tokens"]
+        return jnp.concatenate([features["block_pooled"][-1], tokens.mean(axis=(1, 2))], axis=-1)
+    raise ValueError(f"unknown feature kind {kind!r}; known: {FEATURE_KINDS}")
+
+
+def make_feature_fn(model: Any | None, kind: str = "pooled", *, n_last_blocks: int = 4, train: bool = False,
+                    denormalize_pixels: bool = True) -> Callable[..., jax.Array]:
+    """``fn(params, images, rng) -> [B, D]`` float32 features; not jitted (callers jit it inside their step).
+
+    ``train=True`` runs the backbone in training mode (stochastic depth active), as MoBY's linear evaluation
+    does with its online encoder (trap T14); then ``rng`` feeds the "dropout" stream. ``kind="raw_pixels"``
+    needs no model and ignores ``params``.
+    """
+    if kind == "raw_pixels":
+        return lambda params, images, rng=None: raw_pixel_features(images, denormalize_pixels)
+    if model is None:
+        raise ValueError(f"feature kind {kind!r} needs a model")
+
+    def fn(params: PyTree, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        rngs = {"dropout": rng} if (train and rng is not None) else None
+        _, feats = model.apply({"params": params}, images, train=train, rngs=rngs)
+        return select_features(feats, kind, n_last_blocks).astype(jnp.float32)
+
+    return fn
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """Global array -> NumPy on every host (gathers the shards of other processes on multi-host runs)."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+class FeatureExtractor:
+    """Jitted feature extraction over padded eval batches ``{"image", "label", "mask"}``.
+
+    The batch is sharded over the mesh's "data" axis and the parameters replicated, so the batch size must
+    be a multiple of the device count. One compilation serves every batch (fixed padded shape).
+    ``__call__`` returns ``(features [N, D] float32, labels [N] int32)`` for the real rows only, in input
+    order: each example exactly once.
+    """
+
+    def __init__(self, feature_fn: Callable[..., jax.Array], mesh: Mesh | None = None):
+        self.mesh = mesh if mesh is not None else data_mesh()
+        self._feature_fn = feature_fn
+        data, repl = row_sharded(self.mesh), replicated(self.mesh)
+
+        def step(params, images, labels, mask):
+            return feature_fn(params, images, None), labels, mask
+
+        self._step = jax.jit(step, in_shardings=(repl, data, data, data), out_shardings=(data, data, data))
+
+    def batch(self, params: PyTree, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Device-side ``(features, labels, mask)`` of one padded batch (still padded, still sharded).
+
+        ``batch`` is this process's part of the global batch (all of it on a single host)."""
+        images = np.asarray(batch["image"], np.float32)
+        n_local = len(self.mesh.local_devices)
+        if images.shape[0] % n_local:
+            raise ValueError(f"eval batch of {images.shape[0]} rows is not a multiple of the {n_local} local devices")
+        labels = np.asarray(batch["label"], np.int32)
+        mask = np.asarray(batch["mask"], bool) if "mask" in batch else np.ones(images.shape[0], bool)
+        data = row_sharded(self.mesh)
+        arrays = [jax.make_array_from_process_local_data(data, a) for a in (images, labels, mask)]
+        return self._step(params, *arrays)
+
+    def __call__(self, params: PyTree, batches: Iterable[Batch]) -> tuple[np.ndarray, np.ndarray]:
+        feats, labels = [], []
+        for batch in batches:
+            f, y, m = (to_host(a) for a in self.batch(params, batch))
+            feats.append(f[m])
+            labels.append(y[m])
+        if not feats:
+            raise ValueError("feature extraction got no batches")
+        return np.concatenate(feats), np.concatenate(labels)

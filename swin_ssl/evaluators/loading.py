@@ -1,0 +1,196 @@
+"""Getting the backbone parameters to evaluate: random init, a params file, or a training workdir.
+
+Every path ends in ``check_params``: the loaded tree must have exactly the parameter names and shapes the
+configured model expects, or evaluation stops with a message naming the missing, unexpected and mis-shaped
+parameters. A silent partial load is the failure mode behind esvit issue #8 (k-NN of a "released" model at
+~chance because nothing was actually loaded); ``strict=False`` loading is never done here.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+# Where the evaluated network sits in a training state / checkpoint (swin_ssl.train.state.TrainState):
+# online = state.params["backbone"], target = state.target_params["backbone"]. Imported official checkpoints
+# (swin_ssl/convert.py) are backbone-only trees and are used as they are.
+NETWORK_KEYS = {"online": ("params", "online_params", "online", "student"),
+                "target": ("target_params", "ema_params", "params_ema", "target", "teacher")}
+BACKBONE_KEYS = ("backbone", "encoder")
+
+
+class ParamMismatchError(ValueError):
+    """The loaded parameters do not fit the configured model (names the offending parameters)."""
+
+
+def flatten(tree: PyTree) -> dict[str, Any]:
+    """``{"a/b/kernel": leaf}`` for nested mappings / flax FrozenDicts."""
+    tree = flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else tree
+    return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def check_params(expected: PyTree, loaded: PyTree, what: str = "checkpoint", limit: int = 20) -> None:
+    """Raises ParamMismatchError unless ``loaded`` has exactly ``expected``'s names and shapes."""
+    exp, got = flatten(expected), flatten(loaded)
+    missing = sorted(set(exp) - set(got))
+    unexpected = sorted(set(got) - set(exp))
+    shaped = sorted(k for k in set(exp) & set(got) if tuple(np.shape(exp[k])) != tuple(np.shape(got[k])))
+    if not (missing or unexpected or shaped):
+        return
+
+    def listing(names, fmt=str):
+        more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+        return ", ".join(fmt(n) for n in names[:limit]) + more
+
+    lines = [f"{what} does not match the configured model ({len(exp)} expected parameters, {len(got)} loaded):"]
+    if missing:
+        lines.append(f"  missing ({len(missing)}): {listing(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}): {listing(unexpected)}")
+    if shaped:
+        lines.append(f"  mis-shaped ({len(shaped)}): " + listing(
+            shaped, lambda k: f"{k} expected {tuple(np.shape(exp[k]))} got {tuple(np.shape(got[k]))}"))
+    lines.append("  (wrong model name/variant for this checkpoint, or a checkpoint of another network?)")
+    raise ParamMismatchError("\n".join(lines))
+
+
+def _as_dict(tree: Any) -> Any:
+    """TrainState-like dataclasses -> dicts, so one lookup handles states and restored raw checkpoints."""
+    if hasattr(tree, "__dataclass_fields__") and not isinstance(tree, Mapping):
+        return {f: getattr(tree, f) for f in tree.__dataclass_fields__ if hasattr(tree, f)}
+    return flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else tree
+
+
+def select_network(tree: PyTree, network: str) -> PyTree:
+    """The backbone of ``network`` ("online" | "target") inside a train state / checkpoint tree.
+
+    Trees without a network level (imported official backbones, ``{"params": backbone}`` files) are returned
+    as they are, after stripping a ``params`` / ``backbone`` wrapper.
+    """
+    if network not in NETWORK_KEYS:
+        raise ValueError(f"network must be 'online' or 'target', got {network!r}")
+    tree = _as_dict(tree)
+    for wrapper in ("state", "train_state"):
+        if isinstance(tree, Mapping) and wrapper in tree and len(tree) <= 3:
+            tree = _as_dict(tree[wrapper])
+    if isinstance(tree, Mapping) and any(k in tree for k in NETWORK_KEYS["target"]):
+        key = next(k for k in NETWORK_KEYS[network] if k in tree) if any(
+            k in tree for k in NETWORK_KEYS[network]) else None
+        if key is None:
+            raise ParamMismatchError(f"checkpoint has no {network} network (top-level keys: {sorted(tree)})")
+        tree = _as_dict(tree[key])
+    elif isinstance(tree, Mapping) and network == "target" and any(k in tree for k in ("opt_state", "step")):
+        raise ParamMismatchError(f"checkpoint has no target/teacher parameters (top-level keys: {sorted(tree)}); "
+                                 "use network='online'")
+    for _ in range(3):  # unwrap {"params": {"backbone": ...}} and similar, in any order
+        if isinstance(tree, Mapping):
+            key = next((k for k in ("params",) + BACKBONE_KEYS if k in tree), None)
+            if key is not None:
+                tree = _as_dict(tree[key])
+                continue
+        break
+    return tree
+
+
+def load_params_file(path: str) -> PyTree:
+    """A parameter tree from ``.npz`` (flat "a/b/c" keys), ``.msgpack`` (flax serialization) or an orbax directory."""
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        import orbax.checkpoint as ocp
+        return ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:
+            return unflatten({k: f[k] for k in f.files})
+    if path.endswith(".msgpack"):
+        with open(path, "rb") as f:
+            return flax.serialization.msgpack_restore(f.read())
+    raise ValueError(f"unknown params file format {path!r}: use .npz, .msgpack or an orbax checkpoint directory")
+
+
+def split_file_meta(tree: PyTree) -> tuple[PyTree, dict]:
+    """``(tree without "meta", meta)`` of a params file. ``swin_ssl.convert`` files carry a JSON ``meta`` (model,
+    model_kwargs, layout); it is returned in the trainer's meta format (``model``, ``eval_backbone``,
+    ``config.model``) so the evaluators rebuild the backbone the same way for both kinds of checkpoint."""
+    if not isinstance(tree, Mapping) or "meta" not in tree:
+        return tree, {}
+    tree = dict(tree)
+    raw = tree.pop("meta")
+    m = json.loads(raw) if isinstance(raw, (str, bytes)) else dict(raw)
+    layout = m.get("layout")
+    return tree, {"model": m.get("model"), "layout": layout,
+                  "eval_backbone": {"moby": "online", "esvit": "target", "dino": "target"}.get(layout),
+                  "config": {"model": {"name": m.get("model"), "overrides": dict(m.get("model_kwargs") or {})}}}
+
+
+def save_params_file(path: str, params: PyTree) -> None:
+    """Writes ``params`` as ``.npz`` or ``.msgpack`` (the formats ``load_params_file`` reads)."""
+    flat = {k: np.asarray(v) for k, v in flatten(jax.device_get(params)).items()}
+    if path.endswith(".npz"):
+        np.savez(path, **flat)
+    elif path.endswith(".msgpack"):
+        with open(path, "wb") as f:
+            f.write(flax.serialization.msgpack_serialize(unflatten(flat)))
+    else:
+        raise ValueError(f"save_params_file: use a .npz or .msgpack path, got {path!r}")
+
+
+def restore_workdir(workdir: str, step: int | None = None) -> tuple[PyTree, dict]:
+    """``(state tree, meta)`` of a training workdir's checkpoint (latest step unless ``step``), as NumPy dicts.
+
+    ``meta`` (written by the trainer) has ``model``, ``objective``, ``eval_backbone`` and the training ``config``.
+    """
+    from swin_ssl import checkpoint as ckpt_lib
+    return ckpt_lib.restore_raw(workdir, step)
+
+
+def expected_params(model: Any, image_shape: tuple[int, ...]) -> PyTree:
+    """Shapes/dtypes of the model's parameters (no allocation)."""
+    images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+    return jax.eval_shape(lambda x: model.init({"params": jax.random.PRNGKey(0)}, x), images)["params"]
+
+
+def cast_like(expected: PyTree, loaded: PyTree) -> PyTree:
+    """Loaded leaves as jax arrays with the expected dtypes, in the expected tree structure."""
+    got = flatten(loaded)
+    return unflatten({k: jnp.asarray(np.asarray(got[k]), dtype=v.dtype) for k, v in flatten(expected).items()})
+
+
+def load_backbone(model: Any, image_shape: tuple[int, ...], *, init: str, network: str = "target",
+                  tree: PyTree | None = None, params_path: str = "", what: str = "", seed: int = 0) -> PyTree:
+    """Backbone params for ``model``: ``init`` is "random_init" | "params_file" | "checkpoint".
+
+    For "checkpoint" pass the restored state ``tree`` (``restore_workdir``); for "params_file" the ``params_path``
+    (or the already loaded ``tree``).
+    ``network`` picks the online or the target (EMA teacher) backbone where the tree holds both.
+    Raises ParamMismatchError (naming the parameters) when the loaded tree does not match the model.
+    """
+    expected = expected_params(model, image_shape)
+    if init == "random_init":
+        images = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+        return jax.jit(lambda x: model.init({"params": jax.random.PRNGKey(seed)}, x))(images)["params"]
+    if init == "params_file":
+        if tree is None:
+            if not params_path:
+                raise ValueError("init='params_file' needs params_path")
+            tree = split_file_meta(load_params_file(params_path))[0]
+        what = what or f"params file {params_path}"
+    elif init == "checkpoint":
+        if tree is None:
+            raise ValueError("init='checkpoint' needs the restored checkpoint tree")
+        what = what or f"{network} network of the checkpoint"
+    else:
+        raise ValueError(f"init must be 'random_init', 'params_file' or 'checkpoint', got {init!r}")
+    tree = select_network(tree, network)
+    check_params(expected, tree, what)
+    return cast_like(expected, tree)

@@ -1,0 +1,189 @@
+"""``train_and_evaluate(config, workdir)``: the training loop behind ``train.py``.
+
+Order of work: distributed init -> config validation (one-line errors, nothing compiled yet) -> build the
+objective, optimizer and the compiled init/step -> restore the latest checkpoint in ``workdir`` if any ->
+loop: step, progress, periodic metrics (TensorBoard + console), checkpoints, optional evaluation hook ->
+final checkpoint.
+
+Plugging in another objective: ``config.objective`` names a module in ``swin_ssl/objectives``
+(``validate.OBJECTIVE_MODULES``) that provides ``make_objective(config, *, durations, axis_name=None) ->
+Objective`` (see ``swin_ssl/train/state.py``); nothing else in the trainer changes.
+
+In-training evaluation: with ``config.evals.every_steps > 0`` and ``config.evals.fn = "package.module:function"``
+the loop calls ``function(config=config, params={"online": ..., "target": ..., "default": ...}, step=step,
+workdir=workdir, **config.evals.kwargs)`` every that many steps (and after the last step); it returns a
+mapping of scalars, written under ``eval/<name>``. ``params`` are the (replicated) backbone params.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from swin_ssl import checkpoint as ckpt_lib
+from swin_ssl import metrics as metrics_lib
+from swin_ssl.train import data as data_lib
+from swin_ssl.train import optim as optim_lib
+from swin_ssl.train import parallel as parallel_lib
+from swin_ssl.train import step as step_lib
+from swin_ssl.train.state import Objective, TrainState, create_train_state
+from swin_ssl.train.validate import OBJECTIVE_MODULES, Durations, validate
+
+# Config keys that do not change the compiled program (a second run with other values reuses it).
+RUN_ONLY_KEYS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "async_checkpointing",
+                 "stop_after_steps", "evals", "distributed")
+
+
+def make_objective(config: ml_collections.ConfigDict, durations: Durations, axis_name: str | None) -> Objective:
+    module = importlib.import_module(f"swin_ssl.objectives.{OBJECTIVE_MODULES[config.objective]}")
+    return module.make_objective(config, durations=durations, axis_name=axis_name)
+
+
+@dataclasses.dataclass
+class Program:
+    """Everything compiled for one config on one set of devices."""
+    parallel: parallel_lib.Parallel
+    objective: Objective
+    optimizer: optim_lib.Optimizer
+    init: Callable[[jax.Array], TrainState]   # jitted, output replicated on the mesh
+    step: Callable                             # jitted/pmapped (state, batch) -> (state, metrics), donates state
+    traces: list                               # one entry per trace of the step (tests: compiled once)
+
+
+def build_program(config: ml_collections.ConfigDict, durations: Durations) -> Program:
+    par = parallel_lib.make_parallel(config.parallelism)
+    objective = make_objective(config, durations, par.axis_name)
+    optimizer = optim_lib.make_optimizer(config.optim, total_steps=durations.total_steps,
+                                         warmup_steps=durations.warmup_steps, global_batch=int(config.batch_size),
+                                         freeze_steps=durations.freeze_steps)
+    traces = []
+
+    def step(state, batch):
+        traces.append(1)  # runs at trace time only
+        return step_lib.train_step(state, batch, objective=objective, optimizer=optimizer, axis_name=par.axis_name)
+
+    init = jax.jit(functools.partial(create_train_state, objective, optimizer.tx), out_shardings=par.replicated)
+    return Program(par, objective, optimizer, init, par.compile_step(step), traces)
+
+
+_PROGRAMS: dict[str, Program] = {}
+
+
+def get_program(config: ml_collections.ConfigDict, durations: Durations) -> Program:
+    """Cached per (program-relevant config, devices): resuming in the same process does not recompile."""
+    program_config = {k: v for k, v in config.to_dict().items() if k not in RUN_ONLY_KEYS}
+    key = json.dumps([program_config, [d.id for d in jax.devices()], jax.process_index()], sort_keys=True,
+                     default=str)
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = build_program(config, durations)
+    return _PROGRAMS[key]
+
+
+def _resolve(spec: str) -> Callable:
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"config.evals.fn={spec!r}: expected 'package.module:function'")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_evals(config, state: TrainState, objective: Objective, step: int, workdir: str, writer) -> dict:
+    fn = _resolve(config.evals.fn)
+    params = {"online": state.params["backbone"], "target": state.target_params["backbone"]}
+    params["default"] = params[objective.eval_backbone]
+    kwargs = config.evals.kwargs.to_dict() if config.evals.get("kwargs") is not None else {}
+    results = dict(fn(config=config, params=params, step=step, workdir=workdir, **kwargs) or {})
+    if results:
+        metrics_lib.write_scalars(writer, step, {f"eval/{k}": v for k, v in results.items()})
+    return results
+
+
+def _meta(config, objective: Objective, step: int) -> dict:
+    return {"step": step, "objective": config.objective, "model": config.model.name,
+            "eval_backbone": objective.eval_backbone, "config": json.loads(config.to_json_best_effort())}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming from ``workdir`` when it holds a checkpoint). Returns ``{"step", "history", "state",
+    "evals", "step_traces"}`` -- ``history`` is a list of ``(step, metrics)`` at the logging steps."""
+    metrics_lib.quiet_library_logs()
+    parallel_lib.maybe_initialize_distributed(config.get("distributed"))
+    durations = validate(config, device_count=jax.device_count(), process_count=jax.process_count())
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    logging.info("%s training: %s steps (%s per epoch), warmup %s, %d devices, %d processes",
+                 config.objective, durations.total_steps, durations.steps_per_epoch, durations.warmup_steps,
+                 jax.device_count(),
+                 jax.process_count())
+
+    program = get_program(config, durations)
+    par, objective = program.parallel, program.objective
+    writer = metrics_lib.create_writer(workdir, asynchronous=True)
+    manager = ckpt_lib.make_manager(workdir, every_steps=int(config.checkpoint_every_steps),
+                                    keep=int(config.keep_checkpoints), asynchronous=bool(config.async_checkpointing))
+    rng = jax.random.PRNGKey(int(config.seed))
+
+    abstract = ckpt_lib.abstract_like(jax.eval_shape(program.init, rng), par.replicated)
+    restored = ckpt_lib.restore_latest(manager, abstract)
+    if restored is None:
+        with par.context():
+            state = program.init(rng)
+        metrics_lib.write_hparams(writer, config)
+    else:
+        state = restored[0]
+    start = int(jax.device_get(state.step))
+    metrics_lib.log_parameter_overview(state.params, msg=f"Online parameters at step {start}")
+
+    end = durations.total_steps
+    if config.get("stop_after_steps") is not None:
+        end = min(end, int(config.stop_after_steps))
+    batches = None if start >= end else data_lib.make_train_iterator(
+        config, process_index=jax.process_index(), process_count=jax.process_count(), start_step=start)
+    progress = metrics_lib.report_progress(durations.total_steps, writer)
+    log_every = max(int(config.log_every_steps), 1)
+    eval_every = int(config.evals.every_steps) if config.evals.get("fn") else 0
+    if start >= end:
+        logging.info("Nothing to train: the checkpoint is at step %d, the run ends at step %d.", start, end)
+    history, evals, last_saved, step = [], [], None, start
+    t0 = time.time()
+
+    for step in range(start + 1, end + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step), par.context():
+            batch = par.put_batch(next(batches))
+            state, metrics = program.step(state, batch)
+        progress(step)
+        if step % log_every == 0 or step == end:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}")
+            metrics_lib.write_scalars(writer, step, values)
+            history.append((step, values))
+        preempted = manager.reached_preemption(step)
+        if step % int(config.checkpoint_every_steps) == 0 or preempted:
+            with progress.timed("checkpoint"):
+                if ckpt_lib.save(manager, step, state, _meta(config, objective, step), force=preempted):
+                    last_saved = step
+        if preempted:
+            logging.warning("Preemption signal received: saved step %d, stopping.", step)
+            break
+        if eval_every and (step % eval_every == 0 or step == end):
+            with progress.timed("eval"):
+                evals.append((step, run_evals(config, state, objective, step, workdir, writer)))
+
+    if step != last_saved and step > start:
+        ckpt_lib.save(manager, step, state, _meta(config, objective, step), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+    writer.close()
+    logging.info("Trained steps %d..%d in %.1fs", start, step, time.time() - t0)
+    return {"step": step, "history": history, "state": state, "evals": evals, "step_traces": len(program.traces)}

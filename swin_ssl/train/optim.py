@@ -1,0 +1,193 @@
+"""Optimizer and schedules from the config: AdamW + warmup/cosine lr, weight-decay schedule, clipping, freezing.
+
+Every schedule is a pure function of the step (design decision 3); optax keeps its own update counters in
+``opt_state``, which start at 0 with ``state.step`` and advance with it, so a restored state continues the
+schedules exactly.
+
+The chain (what one update does, in order)::
+
+    clip (global L2 norm | per-parameter-tensor L2 norm | none)
+    -> scale_by_adam(b1, b2, eps)
+    -> add_decayed_weights(wd(step), mask = ndim >= 2 and not a bias)     # decoupled, as torch AdamW
+    -> scale_by_learning_rate(lr(step))                                   # -lr * (adam + wd * p)
+    -> freeze: zero the *updates* of params matching ``freeze_patterns`` while step < freeze_steps
+
+Learning-rate schedule (:func:`warmup_cosine`): linear warmup from ``warmup_lr`` to ``peak`` over
+``warmup_steps``, then cosine to ``min_lr`` at ``total_steps``. Where the cosine is measured from:
+
+* ``cosine_from_start=True`` reproduces MoBY's timm ``CosineLRScheduler(warmup_prefix=False, t_in_epochs=False)``:
+  the cosine is ``min + (peak - min)(1 + cos(pi t / T)) / 2`` of the *global* step ``t``, so right after warmup
+  the lr is already slightly below the peak (a small drop at ``t = warmup``). The MoBY configs use this.
+* ``cosine_from_start=False`` (DINO/EsViT ``cosine_scheduler``, timm ``warmup_prefix=True``): the cosine starts at
+  the peak when warmup ends and runs over the remaining ``T - warmup`` steps; no drop.
+
+Known differences from the PyTorch references, all at the level of one step: timm sets the lr for step ``i``
+after step ``i-1`` (``step_update`` follows ``optimizer.step``), so its update ``i >= 1`` uses ``lr(i - 1)``; here
+update ``i`` uses ``lr(i)``. DINO's warmup is ``linspace(0, peak, W)`` (reaches the peak at ``W - 1``); here
+``t / W``. torch's clip_grad_norm_ divides by ``norm + 1e-6``; ``optax.clip_by_global_norm`` by ``norm``.
+
+Weight decay: applied to every parameter with ``ndim >= 2`` (kernels, Swin's relative-position tables, ViT's
+pos_embed/cls_token -- the MoBY wrapper has no no-weight-decay hooks, trap T13) and never to biases or 1-D
+parameters (LayerNorm/BN scales and offsets). ``no_decay_keywords`` excludes more by path substring.
+
+Freezing (DINO's ``freeze_last_layer``, trap T21): PyTorch drops the gradients, so AdamW skips the tensor
+entirely (no decay either). Here the final updates are masked (no step, no decay); the Adam moments of the
+frozen tensors still see their gradients during the freeze, unlike PyTorch whose moments stay empty -- a
+difference confined to the first post-freeze steps of those tensors.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+PyTree = Any
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedules.
+
+def warmup_cosine(peak: float, total_steps: int, warmup_steps: int = 0, warmup_init: float = 0.0,
+                  end: float = 0.0, cosine_from_start: bool = False) -> Schedule:
+    """Linear warmup ``warmup_init -> peak`` over ``warmup_steps``, then cosine ``-> end`` at ``total_steps``."""
+    total, warmup = max(int(total_steps), 1), int(warmup_steps)
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.float32)
+        if cosine_from_start:
+            progress = t / total
+        else:
+            progress = (t - warmup) / max(total - warmup, 1)
+        progress = jnp.clip(progress, 0.0, 1.0)
+        cosine = end + 0.5 * (peak - end) * (1.0 + jnp.cos(math.pi * progress))
+        if warmup <= 0:
+            return cosine
+        ramp = warmup_init + (peak - warmup_init) * t / warmup
+        return jnp.where(t < warmup, ramp, cosine)
+
+    return schedule
+
+
+def cosine_between(start: float, end: float, total_steps: int) -> Schedule:
+    """Cosine from ``start`` (step 0) to ``end`` (``total_steps``): DINO's weight-decay and momentum shape."""
+    return warmup_cosine(start, total_steps, 0, end=end)
+
+
+# ------------------------------------------------------------------------------------------------
+# Masks.
+
+def path_str(path) -> str:
+    """``(DictKey('backbone'), DictKey('norm'), ...)`` -> ``"backbone/norm/..."``."""
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return "/".join(parts)
+
+
+def weight_decay_mask(params: PyTree, no_decay_keywords: Sequence[str] = ()) -> PyTree:
+    """True where weight decay applies: ``ndim >= 2``, not a bias, no excluded keyword in the path."""
+    def decide(path, leaf):
+        name = path_str(path)
+        if leaf.ndim < 2 or name.endswith("bias"):
+            return False
+        return not any(k in name for k in no_decay_keywords)
+
+    return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def path_mask(params: PyTree, patterns: Sequence[str]) -> PyTree:
+    """True where the parameter path contains any of ``patterns`` (e.g. ``"last_layer"``)."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: any(s in path_str(p) for s in patterns), params)
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom transforms.
+
+def clip_by_per_param_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scale each gradient tensor to L2 norm <= ``max_norm`` independently (DINO/EsViT ``clip_gradients``).
+
+    Not ``optax.clip_by_global_norm`` (one norm over all tensors) nor ``optax.clip_by_block_rms`` (RMS, not
+    L2). Same formula as the reference: ``g * min(1, max_norm / (||g|| + 1e-6))``.
+    """
+    def update(updates, state, params=None):
+        del params
+        def clip(g):
+            norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+            return g * jnp.minimum(1.0, max_norm / (norm + 1e-6)).astype(g.dtype)
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+class FreezeState(NamedTuple):
+    count: jax.Array
+
+
+def freeze_updates(mask: PyTree | Callable[[PyTree], PyTree], steps: int) -> optax.GradientTransformation:
+    """Zero the updates of masked params while ``count < steps`` (put last in the chain: no step, no decay)."""
+    def init(params):
+        return FreezeState(count=jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        m = mask(updates) if callable(mask) else mask
+        frozen = state.count < steps
+        updates = jax.tree.map(lambda u, f: jnp.where(frozen & f, jnp.zeros_like(u), u), updates, m)
+        return updates, FreezeState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
+# ------------------------------------------------------------------------------------------------
+# The factory.
+
+class Optimizer(NamedTuple):
+    tx: optax.GradientTransformation
+    lr: Schedule
+    weight_decay: Schedule
+
+
+def scaled_lr(optim: ml_collections.ConfigDict, global_batch: int, name: str = "base_lr") -> float:
+    """``value * global_batch / lr_batch_base`` (MoBY: 1e-3 per 512; DINO: 5e-4 per 256)."""
+    return float(optim[name]) * global_batch / float(optim.lr_batch_base)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, *, total_steps: int, warmup_steps: int,
+                   global_batch: int, freeze_steps: int = 0) -> Optimizer:
+    """Builds the optax chain described in the module docstring from ``config.optim``.
+
+    ``optim`` fields: ``base_lr, warmup_lr, min_lr`` (all scaled by ``global_batch / lr_batch_base``),
+    ``lr_batch_base, cosine_from_start, b1, b2, eps, weight_decay, weight_decay_end`` (None: constant),
+    ``clip_mode`` ("global" | "per_param" | "none"), ``clip_norm``, ``no_decay_keywords``,
+    ``freeze_patterns`` (frozen for ``freeze_steps`` steps).
+    """
+    lr = warmup_cosine(scaled_lr(optim, global_batch), total_steps, warmup_steps,
+                       warmup_init=scaled_lr(optim, global_batch, "warmup_lr"),
+                       end=scaled_lr(optim, global_batch, "min_lr"),
+                       cosine_from_start=bool(optim.cosine_from_start))
+    wd_end = optim.get("weight_decay_end")
+    if wd_end is None:
+        wd_value = float(optim.weight_decay)
+        wd = lambda step: jnp.full((), wd_value, jnp.float32)
+    else:
+        wd = cosine_between(float(optim.weight_decay), float(wd_end), total_steps)
+
+    parts = []
+    if optim.clip_mode == "global":
+        parts.append(optax.clip_by_global_norm(float(optim.clip_norm)))
+    elif optim.clip_mode == "per_param":
+        parts.append(clip_by_per_param_norm(float(optim.clip_norm)))
+    elif optim.clip_mode != "none":
+        raise ValueError(f"config.optim.clip_mode must be 'global', 'per_param' or 'none', got {optim.clip_mode!r}")
+    parts.append(optax.scale_by_adam(b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps)))
+    keywords = tuple(optim.get("no_decay_keywords", ()) or ())
+    parts.append(optax.add_decayed_weights(wd, mask=lambda p: weight_decay_mask(p, keywords)))
+    parts.append(optax.scale_by_learning_rate(lr))
+    patterns = tuple(optim.get("freeze_patterns", ()) or ())
+    if freeze_steps > 0 and patterns:
+        parts.append(freeze_updates(lambda u: path_mask(u, patterns), freeze_steps))
+    return Optimizer(tx=optax.chain(*parts), lr=lr, weight_decay=wd)
