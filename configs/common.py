@@ -18,7 +18,7 @@ A training config has this schema (every recipe fills all of it; ``lock_config=T
     total_epochs | total_steps        one of them set (steps win); likewise warmup_epochs | warmup_steps
     optim.*                see ``swin_ssl/train/optim.py``: base_lr/warmup_lr/min_lr per lr_batch_base examples,
                            cosine_from_start, b1, b2, eps, weight_decay, weight_decay_end, clip_mode, clip_norm,
-                           no_decay_keywords, freeze_patterns, freeze_epochs | freeze_steps
+                           no_decay_keywords, decay_keywords, freeze_patterns, freeze_epochs | freeze_steps
     parallelism            "jit" (NamedSharding over a ("data",) mesh) | "pmap"
     log_every_steps, checkpoint_every_steps, keep_checkpoints, async_checkpointing
     stop_after_steps       stop this run early (schedules still span total_*); None = run to the end
@@ -75,6 +75,7 @@ def moby_config(model: str, *, epochs: int = 300, batch_size: int = 512) -> ml_c
         weight_decay=0.05, weight_decay_end=config_dict.placeholder(float),  # None: constant
         clip_mode="global", clip_norm=5.0,
         no_decay_keywords=(),
+        decay_keywords=(),
         freeze_patterns=(), freeze_epochs=0.0, freeze_steps=config_dict.placeholder(int),
     ))
     c.parallelism = "jit"

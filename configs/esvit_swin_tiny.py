@@ -96,6 +96,7 @@ def esvit_config(model: str, *, objective: str = "esvit", epochs: int = 300, bat
         weight_decay=0.04, weight_decay_end=0.4,
         clip_mode="per_param", clip_norm=3.0,
         no_decay_keywords=(),  # biases and 1-D params only (relative_position_bias_table is decayed, trap T13)
+        decay_keywords=("scale_g",),  # official weight_g is [out, 1], hence decayed when trainable
         freeze_patterns=("last_layer",), freeze_epochs=1.0, freeze_steps=config_dict.placeholder(int),
     ))
     c.parallelism = "jit"

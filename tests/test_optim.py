@@ -181,3 +181,16 @@ def test_schedules_continue_from_restored_optimizer_counts():
     u, _ = opt.tx.update(grads, restored, params)
     # Adam's normalised step for a constant gradient is ~1, so the update is -lr(4).
     np.testing.assert_allclose(float(u["w"][0, 0]), -float(opt.lr(4)), rtol=1e-4)
+
+
+def test_decay_keywords_force_decay_of_dino_scale_g():
+    # PyTorch's trainable weight_g is [out, 1] (2-D, decayed by the rank rule); ours is a 1-D scale_g.
+    params = {"head": {"last_layer": {"scale_g": jnp.ones(4), "kernel_v": jnp.ones((3, 4))},
+                       "mlp_0": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}},
+              "norm": {"scale": jnp.ones(4)}}
+    default = optim.weight_decay_mask(params)
+    forced = optim.weight_decay_mask(params, decay_keywords=("scale_g",))
+    assert not default["head"]["last_layer"]["scale_g"] and forced["head"]["last_layer"]["scale_g"]
+    for mask in (default, forced):
+        assert mask["head"]["last_layer"]["kernel_v"] and mask["head"]["mlp_0"]["kernel"]
+        assert not mask["head"]["mlp_0"]["bias"] and not mask["norm"]["scale"]

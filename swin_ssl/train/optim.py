@@ -89,10 +89,17 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
-def weight_decay_mask(params: PyTree, no_decay_keywords: Sequence[str] = ()) -> PyTree:
-    """True where weight decay applies: ``ndim >= 2``, not a bias, no excluded keyword in the path."""
+def weight_decay_mask(params: PyTree, no_decay_keywords: Sequence[str] = (),
+                      decay_keywords: Sequence[str] = ()) -> PyTree:
+    """True where weight decay applies: ``ndim >= 2``, not a bias, no excluded keyword in the path.
+
+    ``decay_keywords`` force decay whatever the rank: DINO's trainable ``weight_g`` is ``[out, 1]`` (2-D, so
+    decayed) in PyTorch, while our ``scale_g`` is stored 1-D.
+    """
     def decide(path, leaf):
         name = path_str(path)
+        if any(k in name for k in decay_keywords):
+            return True
         if leaf.ndim < 2 or name.endswith("bias"):
             return False
         return not any(k in name for k in no_decay_keywords)
@@ -162,7 +169,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, *, total_steps: int, warmup
 
     ``optim`` fields: ``base_lr, warmup_lr, min_lr`` (all scaled by ``global_batch / lr_batch_base``),
     ``lr_batch_base, cosine_from_start, b1, b2, eps, weight_decay, weight_decay_end`` (None: constant),
-    ``clip_mode`` ("global" | "per_param" | "none"), ``clip_norm``, ``no_decay_keywords``,
+    ``clip_mode`` ("global" | "per_param" | "none"), ``clip_norm``, ``no_decay_keywords``, ``decay_keywords``,
     ``freeze_patterns`` (frozen for ``freeze_steps`` steps).
     """
     lr = warmup_cosine(scaled_lr(optim, global_batch), total_steps, warmup_steps,
@@ -185,7 +192,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, *, total_steps: int, warmup
         raise ValueError(f"config.optim.clip_mode must be 'global', 'per_param' or 'none', got {optim.clip_mode!r}")
     parts.append(optax.scale_by_adam(b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps)))
     keywords = tuple(optim.get("no_decay_keywords", ()) or ())
-    parts.append(optax.add_decayed_weights(wd, mask=lambda p: weight_decay_mask(p, keywords)))
+    forced = tuple(optim.get("decay_keywords", ()) or ())
+    parts.append(optax.add_decayed_weights(wd, mask=lambda p: weight_decay_mask(p, keywords, forced)))
     parts.append(optax.scale_by_learning_rate(lr))
     patterns = tuple(optim.get("freeze_patterns", ()) or ())
     if freeze_steps > 0 and patterns:
