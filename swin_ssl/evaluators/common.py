@@ -58,7 +58,8 @@ def pad_rows(x: np.ndarray, multiple: int, value: Any = 0) -> np.ndarray:
 
 
 def padded_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict]:
-    """Fixed-size batches over in-memory arrays; the last one is zero-padded and ``mask`` marks real rows.
+    """Fixed-size batches over in-memory arrays; the last one is padded (zeros, label -1: the data contract) and
+    ``mask`` marks the real rows.
 
     A stand-in for the data engineer's eval pipelines on data that fits in memory (tests, Fashion-MNIST,
     cached features): same batch format ``{..., "mask"}`` and the same exactly-once guarantee.
@@ -68,7 +69,8 @@ def padded_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterato
         raise ValueError(f"padded_batches: arrays of different lengths {[len(v) for v in arrays.values()]}")
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        batch = {k: pad_rows(np.asarray(v[start:stop]), batch_size) for k, v in arrays.items()}
+        batch = {k: pad_rows(np.asarray(v[start:stop]), batch_size, -1 if k == "label" else 0)
+                 for k, v in arrays.items()}
         batch["mask"] = np.arange(batch_size) < stop - start
         yield batch
 
