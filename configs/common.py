@@ -78,6 +78,11 @@ def moby_config(model: str, *, epochs: int = 300, batch_size: int = 512) -> ml_c
         decay_keywords=(),
         freeze_patterns=(), freeze_epochs=0.0, freeze_steps=config_dict.placeholder(int),
     ))
+    return add_run_fields(c)
+
+
+def add_run_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The objective-independent fields: parallelism, logging, checkpoints, evals, multi-host."""
     c.parallelism = "jit"
     c.log_every_steps = 50
     c.checkpoint_every_steps = 2000

@@ -99,17 +99,7 @@ def esvit_config(model: str, *, objective: str = "esvit", epochs: int = 300, bat
         decay_keywords=("scale_g",),  # official weight_g is [out, 1], hence decayed when trainable
         freeze_patterns=("last_layer",), freeze_epochs=1.0, freeze_steps=config_dict.placeholder(int),
     ))
-    c.parallelism = "jit"
-    c.log_every_steps = 50
-    c.checkpoint_every_steps = 2000
-    c.keep_checkpoints = 3
-    c.async_checkpointing = True
-    c.stop_after_steps = config_dict.placeholder(int)
-    c.evals = ml_collections.ConfigDict(dict(every_steps=0, fn="", kwargs=ml_collections.ConfigDict()))
-    c.distributed = ml_collections.ConfigDict(dict(
-        initialize=False, coordinator_address="", num_processes=config_dict.placeholder(int),
-        process_id=config_dict.placeholder(int), cpu_collectives=""))
-    return c
+    return common.add_run_fields(c)
 
 
 def set_batch_size(c: ml_collections.ConfigDict, batch_size: int) -> None:
