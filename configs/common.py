@@ -22,6 +22,8 @@ A training config has this schema (every recipe fills all of it; ``lock_config=T
     parallelism            "jit" (NamedSharding over a ("data",) mesh) | "pmap"
     log_every_steps, checkpoint_every_steps, keep_checkpoints, async_checkpointing
     stop_after_steps       stop this run early (schedules still span total_*); None = run to the end
+    on_nonfinite           "stop" | "skip": what a non-finite loss or gradient does (the update is never applied);
+                           max_skipped_steps bounds the skips of one run
     evals.every_steps, evals.fn ("module:function"), evals.kwargs   in-training evaluation hook
     distributed.*          initialize, coordinator_address, num_processes, process_id, cpu_collectives
 """
@@ -89,6 +91,8 @@ def add_run_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.stop_after_steps = config_dict.placeholder(int)
+    c.on_nonfinite = "stop"  # non-finite loss/gradient: "stop" (raise, keep the last good checkpoint) | "skip"
+    c.max_skipped_steps = 10  # with "skip": stop once more steps than this were skipped in one run
     c.evals = ml_collections.ConfigDict(dict(every_steps=0, fn="", kwargs=ml_collections.ConfigDict()))
     c.distributed = ml_collections.ConfigDict(dict(
         initialize=False, coordinator_address="", num_processes=config_dict.placeholder(int),

@@ -23,6 +23,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -41,7 +43,7 @@ from swin_ssl.train.validate import OBJECTIVE_MODULES, Durations, validate
 
 # Config keys that do not change the compiled program (a second run with other values reuses it).
 RUN_ONLY_KEYS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "async_checkpointing",
-                 "stop_after_steps", "evals", "distributed")
+                 "stop_after_steps", "evals", "distributed", "on_nonfinite", "max_skipped_steps")
 
 
 def make_objective(config: ml_collections.ConfigDict, durations: Durations, axis_name: str | None) -> Objective:
@@ -112,9 +114,70 @@ def _meta(config, objective: Objective, step: int) -> dict:
             "eval_backbone": objective.eval_backbone, "config": json.loads(config.to_json_best_effort())}
 
 
+class NonFiniteGuard:
+    """Reads each step's ``finite`` flag one step late (so the host never waits on the step it just dispatched)
+    and acts on a non-finite loss/gradient: ``"stop"`` raises :class:`FloatingPointError` naming the step and the
+    signal; ``"skip"`` counts it (the step already left the state untouched) and raises only past
+    ``max_skipped`` skips. Call :meth:`flush` before anything that must not see a bad step (a checkpoint)."""
+
+    def __init__(self, policy: str, max_skipped: int):
+        self.policy, self.max_skipped = policy, max_skipped
+        self.skipped: list[int] = []
+        self._pending: tuple[int, dict] | None = None
+
+    def push(self, step: int, metrics: dict) -> None:
+        previous, self._pending = self._pending, (step, metrics)
+        if previous is not None:
+            self._check(*previous)
+
+    def flush(self) -> None:
+        previous, self._pending = self._pending, None
+        if previous is not None:
+            self._check(*previous)
+
+    def _check(self, step: int, metrics: dict) -> None:
+        if bool(jax.device_get(metrics["finite"])):
+            return
+        loss, grad_norm = (float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm"))
+        signal = f"loss={loss}" if not math.isfinite(loss) else f"gradient norm={grad_norm}"
+        if self.policy == "skip" and len(self.skipped) < self.max_skipped:
+            self.skipped.append(step)
+            logging.warning("Non-finite %s at step %d: update skipped (%d of at most %d skips).", signal, step,
+                            len(self.skipped), self.max_skipped)
+            return
+        why = (f"after {len(self.skipped)} skipped steps (config.max_skipped_steps={self.max_skipped})"
+               if self.policy == "skip" else "(config.on_nonfinite='stop')")
+        raise FloatingPointError(f"non-finite {signal} at step {step} {why}: training stopped; the update was not "
+                                 f"applied and no checkpoint after step {step - 1} was written")
+
+
+class SigtermFlag:
+    """Single-process preemption: SIGTERM (what schedulers send before a kill) sets a flag the loop reads at the
+    next step boundary. Multi-process runs leave SIGTERM to JAX's preemption service, which orbax's
+    ``reached_preemption`` reads in sync on every host (a local flag would make hosts disagree on the step)."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from ``workdir`` when it holds a checkpoint). Returns ``{"step", "history", "state",
-    "evals", "step_traces"}`` -- ``history`` is a list of ``(step, metrics)`` at the logging steps."""
+    "evals", "step_traces", "skipped", "preempted"}`` -- ``history`` is a list of ``(step, metrics)`` at the
+    logging steps, ``skipped`` the steps whose non-finite update was skipped."""
     metrics_lib.quiet_library_logs()
     parallel_lib.maybe_initialize_distributed(config.get("distributed"))
     durations = validate(config, device_count=jax.device_count(), process_count=jax.process_count())
@@ -122,18 +185,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     logging.info("%s training: %s steps (%s per epoch), warmup %s, %d devices, %d processes",
                  config.objective, durations.total_steps, durations.steps_per_epoch, durations.warmup_steps,
-                 jax.device_count(),
-                 jax.process_count())
+                 jax.device_count(), jax.process_count())
 
     program = get_program(config, durations)
     par, objective = program.parallel, program.objective
+    rng = jax.random.PRNGKey(int(config.seed))
+    abstract = ckpt_lib.abstract_like(jax.eval_shape(program.init, rng), par.replicated)
+    # Restored before the manager exists: unreadable checkpoints are moved aside first, so the manager never
+    # counts them as the latest step.
+    restored = ckpt_lib.restore_latest(workdir, abstract, expect={"objective": config.objective,
+                                                                  "model": config.model.name})
     writer = metrics_lib.create_writer(workdir, asynchronous=True)
     manager = ckpt_lib.make_manager(workdir, every_steps=int(config.checkpoint_every_steps),
                                     keep=int(config.keep_checkpoints), asynchronous=bool(config.async_checkpointing))
-    rng = jax.random.PRNGKey(int(config.seed))
-
-    abstract = ckpt_lib.abstract_like(jax.eval_shape(program.init, rng), par.replicated)
-    restored = ckpt_lib.restore_latest(manager, abstract)
     if restored is None:
         with par.context():
             state = program.init(rng)
@@ -149,41 +213,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = None if start >= end else data_lib.make_train_iterator(
         config, process_index=jax.process_index(), process_count=jax.process_count(), start_step=start)
     progress = metrics_lib.report_progress(durations.total_steps, writer)
-    log_every = max(int(config.log_every_steps), 1)
+    log_every, save_every = max(int(config.log_every_steps), 1), int(config.checkpoint_every_steps)
     eval_every = int(config.evals.every_steps) if config.evals.get("fn") else 0
+    guard = NonFiniteGuard(config.get("on_nonfinite", "stop"), int(config.get("max_skipped_steps", 0)))
     if start >= end:
         logging.info("Nothing to train: the checkpoint is at step %d, the run ends at step %d.", start, end)
-    history, evals, last_saved, step = [], [], None, start
+    history, evals, last_saved, step, preempted = [], [], start, start, False
     t0 = time.time()
 
-    for step in range(start + 1, end + 1):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step), par.context():
-            batch = par.put_batch(next(batches))
-            state, metrics = program.step(state, batch)
-        progress(step)
-        if step % log_every == 0 or step == end:
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(f"non-finite loss {values['loss']} at step {step}")
-            metrics_lib.write_scalars(writer, step, values)
-            history.append((step, values))
-        preempted = manager.reached_preemption(step)
-        if step % int(config.checkpoint_every_steps) == 0 or preempted:
-            with progress.timed("checkpoint"):
-                if ckpt_lib.save(manager, step, state, _meta(config, objective, step), force=preempted):
-                    last_saved = step
-        if preempted:
-            logging.warning("Preemption signal received: saved step %d, stopping.", step)
-            break
-        if eval_every and (step % eval_every == 0 or step == end):
-            with progress.timed("eval"):
-                evals.append((step, run_evals(config, state, objective, step, workdir, writer)))
+    def save(step: int, force: bool) -> None:
+        nonlocal last_saved
+        guard.flush()  # never checkpoint past a step that went non-finite under "stop"
+        with progress.timed("checkpoint"):
+            if ckpt_lib.save(manager, step, state, _meta(config, objective, step), force=force):
+                last_saved = step
 
-    if step != last_saved and step > start:
-        ckpt_lib.save(manager, step, state, _meta(config, objective, step), force=True)
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
-    writer.close()
+    try:
+        with SigtermFlag() as sigterm:
+            for step in range(start + 1, end + 1):
+                with jax.profiler.StepTraceAnnotation("train", step_num=step), par.context():
+                    batch = par.put_batch(next(batches))
+                    state, metrics = program.step(state, batch)
+                guard.push(step, metrics)
+                progress(step)
+                if step % log_every == 0 or step == end:
+                    guard.flush()
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    values["skipped_steps"] = float(len(guard.skipped))
+                    metrics_lib.write_scalars(writer, step, values)
+                    history.append((step, values))
+                preempted = sigterm.received or manager.reached_preemption(step)
+                if step % save_every == 0 or preempted:
+                    save(step, force=preempted)
+                if preempted:
+                    break
+                if eval_every and (step % eval_every == 0 or step == end):
+                    with progress.timed("eval"):
+                        evals.append((step, run_evals(config, state, objective, step, workdir, writer)))
+            if step != last_saved:
+                save(step, force=True)
+            manager.wait_until_finished()
+    finally:
+        # Also on an exception: the save in flight (the last good state) is completed, never left half-written.
+        manager.wait_until_finished()
+        manager.close()
+        writer.flush()
+        writer.close()
+    if preempted:
+        logging.warning("Preempted: saved the checkpoint of step %d in %s and stopped; rerun the same command to "
+                        "resume.", step, ckpt_lib.checkpoint_dir(workdir))
     logging.info("Trained steps %d..%d in %.1fs", start, step, time.time() - t0)
-    return {"step": step, "history": history, "state": state, "evals": evals, "step_traces": len(program.traces)}
+    return {"step": step, "history": history, "state": state, "evals": evals, "step_traces": len(program.traces),
+            "skipped": list(guard.skipped), "preempted": preempted}

@@ -45,6 +45,7 @@ def loss_and_grads(state: TrainState, batch, *, objective: Objective, axis_name:
 def train_step(state: TrainState, batch, *, objective: Objective, optimizer: Optimizer,
                axis_name: str | None = None) -> tuple[TrainState, dict]:
     """One optimizer update. Returns the new state and scalar metrics (loss, schedules, norms, objective's)."""
+    old_state = state
     state, loss, aux, grads = loss_and_grads(state, batch, objective=objective, axis_name=axis_name)
     updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -58,9 +59,15 @@ def train_step(state: TrainState, batch, *, objective: Objective, optimizer: Opt
         **objective.schedules(state.step),
         **aux["metrics"],
     }
-    state = state.replace(params=params, opt_state=opt_state, batch_stats=aux["batch_stats"],
-                          obj_state=aux["obj_state"])
+    new_state = state.replace(params=params, opt_state=opt_state, batch_stats=aux["batch_stats"],
+                              obj_state=aux["obj_state"])
     # after_step sees the updated params while ``state.step`` is still this update's index (DINO: m[it]).
-    state = objective.after_step(state)
-    state = state.replace(step=state.step + 1)
-    return state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+    new_state = objective.after_step(new_state)
+    # A non-finite loss or gradient leaves everything (params, optimizer, EMA target, queues/centers, BN stats)
+    # as it was before this step; only the step counter moves on, so the data order and schedules stay aligned.
+    # The loop decides whether to stop or go on (config.on_nonfinite); either way nothing broken is kept.
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+    new_state = new_state.replace(step=old_state.step + 1)
+    metrics["finite"] = finite
+    return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)

@@ -6,12 +6,37 @@ Every failure is a one-line ``ValueError`` that names the config key and the rul
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 
 import ml_collections
 
 OBJECTIVE_MODULES = {"moby": "moby", "esvit": "dino", "dino": "dino"}  # config.objective -> swin_ssl.objectives.*
 DTYPES = ("float32", "bfloat16", "float16")
+NONFINITE_POLICIES = ("stop", "skip")
+
+# The keys the trainer reads, per block (``configs/common.py`` documents them). Blocks named in FREE_FORM take any
+# key (model constructor fields, evaluator kwargs); ``data`` is checked against the pipeline's own fields.
+SCHEMA = {
+    "": ("objective", "seed", "model", "data", "batch_size", "total_epochs", "total_steps", "warmup_epochs",
+         "warmup_steps", "optim", "parallelism", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+         "async_checkpointing", "stop_after_steps", "on_nonfinite", "max_skipped_steps", "evals", "distributed",
+         "moby", "dino"),
+    "model": ("name", "drop_path_rate", "target_drop_path_rate", "dtype", "overrides"),
+    "moby": ("queue_size", "temperature", "momentum", "proj_dim", "proj_hidden_dim", "pred_hidden_dim",
+             "proj_layers", "pred_layers"),
+    "dino": ("out_dim", "hidden_dim", "bottleneck_dim", "num_layers", "norm_last_layer", "region", "view_weight",
+             "region_weight", "teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_epochs", "student_temp",
+             "center_momentum", "momentum", "region_chunk_size"),
+    "optim": ("base_lr", "warmup_lr", "min_lr", "lr_batch_base", "cosine_from_start", "b1", "b2", "eps",
+              "weight_decay", "weight_decay_end", "clip_mode", "clip_norm", "no_decay_keywords", "decay_keywords",
+              "freeze_patterns", "freeze_epochs", "freeze_steps"),
+    "evals": ("every_steps", "fn", "kwargs"),
+    "distributed": ("initialize", "coordinator_address", "num_processes", "process_id", "cpu_collectives"),
+}
+FREE_FORM = ("model.overrides", "evals.kwargs")
+DATA_EXTRA_KEYS = ("name", "data_dir", "manual_dir", "num_train_examples")
+OBJECTIVE_BLOCK = {"moby": "moby", "esvit": "dino", "dino": "dino"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +69,50 @@ def _fail(key: str, value, rule: str):
     raise ValueError(f"config.{key}={value!r}: {rule}")
 
 
-def check_resolution(config: ml_collections.ConfigDict) -> None:
-    """The training resolution must tile exactly (the official models do not pad at the configured size)."""
+def _data_keys() -> set[str]:
+    from swin_ssl.data.pipeline import default_config
+
+    keys = set(DATA_EXTRA_KEYS)
+    for augment in ("moby", "multicrop"):
+        keys.update(default_config(augment).keys())
+    return keys - {"source"}
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+    """Every key must be one the trainer reads: a config file's typo (``c.optim.weight_decy = 0.1``) would otherwise
+    add a new, silently ignored field (``--config.x=y`` typos already fail in ``config_flags``)."""
+    def check(block: ml_collections.ConfigDict, prefix: str, known) -> None:
+        for key in block.keys():
+            name = f"{prefix}{key}"
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+                raise ValueError(f"config.{name}: unknown key{hint} (known in config{'.' + prefix[:-1] if prefix else ''}:"
+                                 f" {', '.join(sorted(known))})")
+            value = block[key]
+            if isinstance(value, ml_collections.ConfigDict) and name not in FREE_FORM:
+                check(value, f"{name}.", _data_keys() if name == "data" else SCHEMA.get(name, ()))
+
+    check(config, "", SCHEMA[""])
+    for key in ("objective", "model", "data", "batch_size", "optim", "evals"):
+        if key not in config:
+            _fail(key, None, "is required")
+    block = OBJECTIVE_BLOCK.get(config.objective)
+    if block is not None and block not in config:
+        _fail(block, None, f"is required for objective {config.objective!r}")
+
+
+def _model(config: ml_collections.ConfigDict):
     from swin_ssl.models import create_model  # cheap: building a module does not initialise it
 
-    size = int(config.data.image_size)
     overrides = dict(config.model.get("overrides") or {})
-    model = create_model(config.model.name, **{"num_classes": 0, "img_size": size, **overrides})
+    return create_model(config.model.name, **{"num_classes": 0, "img_size": int(config.data.image_size), **overrides})
+
+
+def check_resolution(config: ml_collections.ConfigDict) -> None:
+    """The training resolution must tile exactly (the official models do not pad at the configured size)."""
+    size = int(config.data.image_size)
+    model = _model(config)
     patch = int(model.patch_size)
     if size % patch:
         _fail("data.image_size", size, f"must be a multiple of the {config.model.name} patch size {patch}")
@@ -67,6 +129,51 @@ def check_resolution(config: ml_collections.ConfigDict) -> None:
                 _fail("data.image_size", size, f"stage {i} token map {res}x{res} is odd; patch merging needs "
                       f"image_size/{patch} divisible by {2 ** (stages - 1)}")
             res //= 2
+
+
+def _check_range(key: str, value, low: float, high: float) -> None:
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        _fail(key, value, "must be a pair (min, max)")
+    if not low <= a <= b <= high:
+        _fail(key, tuple(value), f"must satisfy {low} <= min <= max <= {high}")
+
+
+def check_crops(config: ml_collections.ConfigDict) -> None:
+    """Crop scales are fractions of the image; local crops must be sizes the backbone can run on.
+
+    Local crops are not at the model's configured resolution: Swin pads their token maps to whole windows (and odd
+    maps before patch merging), ViT interpolates its position embedding; both need whole patches."""
+    data = config.data
+    _check_range("data.crop_scale", data.get("crop_scale", (0.08, 1.0)), 1e-6, 1.0)
+    if data.get("augment", "moby") != "multicrop":
+        return
+    _check_range("data.local_scale", data.get("local_scale", (0.05, 0.4)), 1e-6, 1.0)
+    num_local, local, size = int(data.num_local_crops), int(data.local_size), int(data.image_size)
+    if num_local < 0:
+        _fail("data.num_local_crops", num_local, "must be >= 0")
+    if num_local == 0:
+        return
+    model = _model(config)
+    patch = int(model.patch_size)
+    if local <= 0 or local % patch:
+        _fail("data.local_size", local, f"must be a positive multiple of the {config.model.name} patch size {patch}")
+    if local > size:
+        _fail("data.local_size", local, f"local crops must not be larger than the global crops (data.image_size={size})")
+
+
+def check_schedules(config: ml_collections.ConfigDict, d: "Durations") -> None:
+    """Every schedule must end within the run (a 30-epoch teacher warm-up in a 10-epoch run is a config mistake)."""
+    if not 0 <= d.warmup_steps < d.total_steps:
+        _fail("warmup_steps", d.warmup_steps, f"warmup must be shorter than the run ({d.total_steps} steps)")
+    if not 0 <= d.freeze_steps < d.total_steps:
+        _fail("optim.freeze_steps", d.freeze_steps, f"the frozen phase must be shorter than the run ({d.total_steps} steps)")
+    if "dino" in config and config.objective in ("esvit", "dino"):
+        epochs = int(config.dino.warmup_teacher_temp_epochs)
+        if epochs < 0 or epochs * d.steps_per_epoch > d.total_steps:
+            _fail("dino.warmup_teacher_temp_epochs", epochs, f"the teacher-temperature warm-up ({epochs} epochs of "
+                  f"{d.steps_per_epoch} steps) must not be longer than the run ({d.total_steps} steps)")
 
 
 def check_data(config: ml_collections.ConfigDict) -> None:
@@ -88,8 +195,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     """All checks; returns the durations in steps. Call before building models or compiling anything."""
     from swin_ssl.models import MODEL_NAMES
 
-    if config.objective not in OBJECTIVE_MODULES:
-        _fail("objective", config.objective, f"unknown objective; known: {', '.join(sorted(OBJECTIVE_MODULES))}")
+    if config.get("objective") not in OBJECTIVE_MODULES:
+        _fail("objective", config.get("objective"), f"unknown objective; known: {', '.join(sorted(OBJECTIVE_MODULES))}")
+    check_keys(config)
     if config.model.name not in MODEL_NAMES:
         _fail("model.name", config.model.name, f"unknown model; known: {', '.join(MODEL_NAMES)}")
     if config.model.dtype not in DTYPES:
@@ -111,14 +219,24 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
         _fail("optim.clip_mode", config.optim.clip_mode, "must be 'global', 'per_param' or 'none'")
     check_data(config)
     check_resolution(config)
+    check_crops(config)
     d = durations(config)
     if d.total_steps <= 0:
         _fail("total_steps", config.get("total_steps"), "set total_steps or total_epochs to a positive duration")
-    if not 0 <= d.warmup_steps < d.total_steps:
-        _fail("warmup_steps", d.warmup_steps, f"warmup must be shorter than the run ({d.total_steps} steps)")
-    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    check_schedules(config, d)
+    for key in ("log_every_steps", "checkpoint_every_steps"):
         if int(config[key]) <= 0:
             _fail(key, config[key], "must be positive")
+    # Orbax deletes the oldest checkpoint once a new save is finalised -- even when that save failed. Keeping two
+    # means the last good checkpoint survives a failed or interrupted save.
+    if int(config.keep_checkpoints) < 2:
+        _fail("keep_checkpoints", config.keep_checkpoints, "must be >= 2 (the last good checkpoint must survive a "
+              "failed save)")
+    policy = config.get("on_nonfinite", "stop")
+    if policy not in NONFINITE_POLICIES:
+        _fail("on_nonfinite", policy, f"must be one of {', '.join(NONFINITE_POLICIES)}")
+    if int(config.get("max_skipped_steps", 0)) < 0:
+        _fail("max_skipped_steps", config.max_skipped_steps, "must be >= 0")
     if config.evals.get("fn") and int(config.evals.every_steps) <= 0:
         _fail("evals.every_steps", config.evals.every_steps, "must be positive when evals.fn is set")
     if config.evals.get("fn") and ":" not in config.evals.fn:
