@@ -15,6 +15,7 @@ Examples::
     python benchmarks/esvit_step.py                                  # Swin-T, 2x224 + 8x96, batch 2, fp32, CPU
     python benchmarks/esvit_step.py --dtype bfloat16 --batch 32      # on a GPU
     python benchmarks/esvit_step.py --skip_step --chunks 0 17 --region_batch 64   # region memory only
+    python benchmarks/esvit_step.py --skip_step --skip_region --analyze_batch 32  # step memory, with/without remat
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def build_config(args):
     esvit_swin_tiny.set_batch_size(c, args.batch)
     c.dino.out_dim = args.out_dim
     c.dino.region_chunk_size = args.chunk
+    if args.remat:
+        c.model.overrides["remat"] = True
     return c
 
 
@@ -109,7 +112,17 @@ def bench_step(args):
 
 
 def analyze_step(args, batch: int):
-    """Compile (never run) the full step at ``batch`` from shapes only and print its memory analysis."""
+    """Compile (never run) the full step at ``batch`` from shapes only and print its memory analysis, without and
+    with block rematerialisation (``model.overrides.remat``), and the ratio of their temporaries."""
+    temps = {}
+    for remat in (False, True):
+        temps[remat] = analyze_one(argparse.Namespace(**{**vars(args), "remat": remat}), batch)
+    if temps[False] and temps[True]:
+        print(f"  remat: temporaries x{temps[True] / temps[False]:.2f} "
+              f"({temps[False] / MiB:.0f} -> {temps[True] / MiB:.0f} MiB)")
+
+
+def analyze_one(args, batch: int) -> float | None:
     c = build_config(args)
     esvit_swin_tiny.set_batch_size(c, batch)
     d = durations_of(c)
@@ -123,8 +136,10 @@ def analyze_step(args, batch: int):
     step = jax.jit(functools.partial(step_lib.train_step, objective=objective, optimizer=opt), donate_argnums=(0,))
     t = time.time()
     compiled = step.lower(state, batch_shapes).compile()
-    print(f"\n[step, compiled only] {args.model} {args.dtype}, batch {batch}, region chunk {args.chunk}: "
-          f"{memory_line(compiled)} (compile {time.time() - t:.0f}s)")
+    print(f"\n[step, compiled only] {args.model} {args.dtype}, batch {batch}, region chunk {args.chunk}, "
+          f"remat {args.remat}: {memory_line(compiled)} (compile {time.time() - t:.0f}s)")
+    m = compiled.memory_analysis()
+    return None if m is None else float(m.temp_size_in_bytes)
 
 
 def region_temp_bytes(args, batch: int, chunk: int, tokens_per_image: int, teacher_tokens: int) -> tuple[float, float]:
@@ -181,6 +196,7 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--analyze_batch", type=int, default=0,
                    help="also compile (not run) the full step at this batch and print its memory analysis")
+    p.add_argument("--remat", action="store_true", help="rematerialise each backbone block (step benchmark)")
     p.add_argument("--skip_step", action="store_true")
     p.add_argument("--skip_region", action="store_true")
     args = p.parse_args()

@@ -16,7 +16,8 @@ A training config has this schema (every recipe fills all of it; ``lock_config=T
                            fields of swin_ssl/data/pipeline.py (see data_config below)
     batch_size             GLOBAL batch (all processes); each process reads batch_size / process_count
     total_epochs | total_steps        one of them set (steps win); likewise warmup_epochs | warmup_steps
-    optim.*                see ``swin_ssl/train/optim.py``: base_lr/warmup_lr/min_lr per lr_batch_base examples,
+    optim.*                see ``swin_ssl/train/optim.py``: base_lr/warmup_lr/min_lr per lr_batch_base examples
+                           (min_lr absolute with scale_min_lr=False, as DINO),
                            cosine_from_start, b1, b2, eps, weight_decay, weight_decay_end, clip_mode, clip_norm,
                            no_decay_keywords, decay_keywords, freeze_patterns, freeze_epochs | freeze_steps
     parallelism            "jit" (NamedSharding over a ("data",) mesh) | "pmap"
@@ -72,6 +73,7 @@ def moby_config(model: str, *, epochs: int = 300, batch_size: int = 512) -> ml_c
     c.warmup_steps = config_dict.placeholder(int)
     c.optim = ml_collections.ConfigDict(dict(
         base_lr=1e-3, warmup_lr=5e-7, min_lr=5e-6, lr_batch_base=512,  # all scaled by batch_size / 512
+        scale_min_lr=True,
         cosine_from_start=True,  # timm CosineLRScheduler(warmup_prefix=False), as the official MoBY
         b1=0.9, b2=0.999, eps=1e-8,
         weight_decay=0.05, weight_decay_end=config_dict.placeholder(float),  # None: constant

@@ -24,9 +24,8 @@ This file also holds :func:`esvit_config`, the shared EsViT/DINO config builder 
              crop_scale (global crops), num_local_crops, local_size, local_scale, interpolation "bicubic", ...
     model.overrides   module fields for create_model (norm_eps 1e-6, window_size)
 
-Note: optim.min_lr is scaled by ``batch_size / lr_batch_base`` like the peak lr (``swin_ssl/train/optim.py``),
-while DINO's min_lr 1e-6 is absolute; the recipes set ``min_lr = 1e-6 * 256 / batch_size`` so the recipe batch
-ends at exactly 1e-6.
+Note: the peak lr is scaled by ``batch_size / lr_batch_base`` (``swin_ssl/train/optim.py``); DINO's min_lr 1e-6 is
+absolute (``optim.scale_min_lr=False``), so ``--config.batch_size=...`` changes the peak only.
 
 Example::
 
@@ -90,7 +89,7 @@ def esvit_config(model: str, *, objective: str = "esvit", epochs: int = 300, bat
     c.warmup_epochs = 10.0
     c.warmup_steps = config_dict.placeholder(int)
     c.optim = ml_collections.ConfigDict(dict(
-        base_lr=5e-4, warmup_lr=0.0, min_lr=DINO_MIN_LR * 256 / batch_size, lr_batch_base=256,
+        base_lr=5e-4, warmup_lr=0.0, min_lr=DINO_MIN_LR, scale_min_lr=False, lr_batch_base=256,
         cosine_from_start=False,  # DINO's cosine_scheduler: the cosine starts at the peak after warm-up
         b1=0.9, b2=0.999, eps=1e-8,
         weight_decay=0.04, weight_decay_end=0.4,
@@ -103,9 +102,8 @@ def esvit_config(model: str, *, objective: str = "esvit", epochs: int = 300, bat
 
 
 def set_batch_size(c: ml_collections.ConfigDict, batch_size: int) -> None:
-    """Change the global batch keeping DINO's absolute min_lr of 1e-6."""
+    """Change the global batch (the peak lr follows it; DINO's min_lr is absolute)."""
     c.batch_size = batch_size
-    c.optim.min_lr = DINO_MIN_LR * c.optim.lr_batch_base / batch_size
 
 
 def demo(c: ml_collections.ConfigDict, model: str = "swin_nano") -> None:

@@ -51,6 +51,16 @@ def test_lr_and_weight_decay_schedules_follow_dino(module):
     np.testing.assert_allclose(float(opt.lr(total - 1)), 1e-6, rtol=0.05)  # ends near DINO's absolute min_lr
 
 
+def test_batch_override_scales_the_peak_lr_but_not_dinos_min_lr():
+    """``--config.batch_size=1024`` (no helper): the peak doubles, the final lr is still DINO's absolute 1e-6."""
+    config = esvit_swin_tiny.get_config(None)
+    config.batch_size = 1024
+    opt, total = _recipe_optimizer(config, 1_281_167 // 1024)
+    warmup = 10 * (1_281_167 // 1024)
+    np.testing.assert_allclose(float(opt.lr(warmup)), 5e-4 * 1024 / 256, rtol=1e-5)
+    np.testing.assert_allclose(float(opt.lr(total)), 1e-6, rtol=1e-4)
+
+
 def test_per_parameter_clipping_scales_each_tensor_independently():
     config = esvit_swin_tiny.get_config(None)
     assert config.optim.clip_mode == "per_param" and config.optim.clip_norm == 3.0

@@ -43,7 +43,7 @@ def test_recipes_hold_the_readme_values():
     assert (o.base_lr, o.lr_batch_base, o.warmup_lr, o.weight_decay, o.weight_decay_end, o.clip_mode, o.clip_norm,
             tuple(o.freeze_patterns), o.freeze_epochs, o.cosine_from_start) == (
         5e-4, 256, 0.0, 0.04, 0.4, "per_param", 3.0, ("last_layer",), 1.0, False)
-    assert o.min_lr * c.batch_size / o.lr_batch_base == pytest.approx(1e-6)  # DINO's absolute min_lr
+    assert (o.min_lr, o.scale_min_lr) == (1e-6, False)  # DINO's absolute min_lr
     assert esvit_swin_tiny.get_config("paper300_w14").model.overrides.window_size == 14
     assert esvit_swin_tiny.get_config("view300").dino.region is False
     for module in (esvit_swin_small, esvit_swin_base):

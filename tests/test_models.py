@@ -1,5 +1,6 @@
 """Swin / ViT backbones: exact sizes, the official geometry constants, numerics against NumPy, sharding, errors."""
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -367,6 +368,30 @@ def test_bfloat16_compute_keeps_float32_params_and_close_outputs():
     out32, out16 = m32.apply(params, x)[0], m16.apply(params, x)[0]
     assert out16.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out16), np.asarray(out32), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("name", ["swin_test", "vit_test"])
+def test_remat_keeps_parameters_outputs_and_gradients(name):
+    """``remat=True`` (memory option for 16 GB accelerators) is the same function with the same parameter tree;
+    only the backward pass recomputes each block (a ``checkpoint`` in the gradient's jaxpr)."""
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    plain, remat = create_model(name, drop_path_rate=0.2), create_model(name, drop_path_rate=0.2, remat=True)
+    params = plain.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.structure(remat.init(jax.random.PRNGKey(0), x)) == jax.tree.structure(params)
+
+    def loss(model):
+        def f(p):
+            out, feats = model.apply(p, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+            return jnp.sum(out ** 2) + jnp.sum(feats["tokens"] ** 2)
+        return f
+
+    (l0, g0), (l1, g1) = [jax.value_and_grad(loss(m))(params) for m in (plain, remat)]
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g0))
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):  # fp32 recomputation reorders some sums
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * scale)
+    remat_jaxpr, plain_jaxpr = [str(jax.make_jaxpr(jax.grad(loss(m)))(params)) for m in (remat, plain)]
+    assert re.search(r"\b(checkpoint|remat2?)\[", remat_jaxpr) and not re.search(r"\b(checkpoint|remat2?)\[", plain_jaxpr)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ class VisionTransformer(nn.Module):
     norm_eps: float = 1e-6
     num_classes: int = 0
     dtype: Dtype = jnp.float32
+    remat: bool = False  # rematerialise each block in the backward pass (less memory, same parameters/results)
 
     def __post_init__(self):
         if self.embed_dim % self.num_heads:
@@ -111,8 +112,9 @@ class VisionTransformer(nn.Module):
         norm = nn.LayerNorm(epsilon=self.norm_eps, name="norm")
         rates = np.linspace(0.0, self.drop_path_rate, self.depth).tolist()
         block_pooled = []
+        block = nn.remat(ViTBlock, static_argnums=(2,)) if self.remat else ViTBlock  # ``train`` is static
         for i in range(self.depth):
-            x = ViTBlock(self.num_heads, self.mlp_ratio, rates[i], self.norm_eps, self.dtype, name=f"blocks_{i}")(x, train)
+            x = block(self.num_heads, self.mlp_ratio, rates[i], self.norm_eps, self.dtype, name=f"blocks_{i}")(x, train)
             block_pooled.append(norm(x[:, 0]))
         x = norm(x)
         features = {"pooled": x[:, 0], "tokens": x[:, 1:].reshape(b, gh, gw, d), "block_pooled": tuple(block_pooled)}

@@ -167,14 +167,16 @@ def make_optimizer(optim: ml_collections.ConfigDict, *, total_steps: int, warmup
                    global_batch: int, freeze_steps: int = 0) -> Optimizer:
     """Builds the optax chain described in the module docstring from ``config.optim``.
 
-    ``optim`` fields: ``base_lr, warmup_lr, min_lr`` (all scaled by ``global_batch / lr_batch_base``),
+    ``optim`` fields: ``base_lr, warmup_lr, min_lr`` (all scaled by ``global_batch / lr_batch_base``; ``min_lr``
+    only with ``scale_min_lr`` -- MoBY/timm scale it, DINO's 1e-6 is absolute),
     ``lr_batch_base, cosine_from_start, b1, b2, eps, weight_decay, weight_decay_end`` (None: constant),
     ``clip_mode`` ("global" | "per_param" | "none"), ``clip_norm``, ``no_decay_keywords``, ``decay_keywords``,
     ``freeze_patterns`` (frozen for ``freeze_steps`` steps).
     """
     lr = warmup_cosine(scaled_lr(optim, global_batch), total_steps, warmup_steps,
                        warmup_init=scaled_lr(optim, global_batch, "warmup_lr"),
-                       end=scaled_lr(optim, global_batch, "min_lr"),
+                       end=(scaled_lr(optim, global_batch, "min_lr") if optim.get("scale_min_lr", True)
+                            else float(optim.min_lr)),
                        cosine_from_start=bool(optim.cosine_from_start))
     wd_end = optim.get("weight_decay_end")
     if wd_end is None:

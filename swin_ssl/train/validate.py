@@ -28,7 +28,7 @@ SCHEMA = {
     "dino": ("out_dim", "hidden_dim", "bottleneck_dim", "num_layers", "norm_last_layer", "region", "view_weight",
              "region_weight", "teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_epochs", "student_temp",
              "center_momentum", "momentum", "region_chunk_size"),
-    "optim": ("base_lr", "warmup_lr", "min_lr", "lr_batch_base", "cosine_from_start", "b1", "b2", "eps",
+    "optim": ("base_lr", "warmup_lr", "min_lr", "scale_min_lr", "lr_batch_base", "cosine_from_start", "b1", "b2", "eps",
               "weight_decay", "weight_decay_end", "clip_mode", "clip_norm", "no_decay_keywords", "decay_keywords",
               "freeze_patterns", "freeze_epochs", "freeze_steps"),
     "evals": ("every_steps", "fn", "kwargs"),
