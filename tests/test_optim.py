@@ -169,6 +169,29 @@ def test_freeze_last_layer_masks_updates_including_weight_decay():
     assert float(jnp.abs(u["head"]["last_layer"]["kernel_v"]).max()) > 0
 
 
+def test_first_update_after_the_freeze_is_a_fresh_adamw_step():
+    """As PyTorch (grad None during the freeze: no moments, no step count), the frozen tensor's first update is
+    AdamW's t=1 step at the current lr and weight decay, whatever gradients it saw while frozen."""
+    params = _params()
+    cfg = _optim_config(freeze_patterns=("last_layer",), weight_decay=0.3, clip_mode="none")
+    opt = optim.make_optimizer(cfg, total_steps=20, warmup_steps=0, global_batch=512, freeze_steps=2)
+    rng = np.random.default_rng(3)
+    grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params) for _ in range(3)]
+    state, p = opt.tx.init(params), params
+    for g in grads:
+        updates, state = opt.tx.update(g, state, p)
+        p = jax.tree.map(lambda a, u: a + u, p, updates)
+    key = "head/last_layer/kernel_v"
+    lr2 = _timm_cosine(2, 1e-3, 20, 0, 1e-4, 1e-5)
+    want = _torch_adamw({key: _flat(params)[key]}, [{key: _flat(grads[2])[key]}], [lr2], [0.3], {key: True})[key]
+    np.testing.assert_allclose(np.asarray(_flat(p)[key]), want, rtol=2e-5, atol=1e-7)
+    # The trained tensors took three ordinary AdamW steps meanwhile.
+    key = "head/mlp_0/kernel"
+    lrs = [_timm_cosine(t, 1e-3, 20, 0, 1e-4, 1e-5) for t in range(3)]
+    want = _torch_adamw({key: _flat(params)[key]}, [{key: _flat(g)[key]} for g in grads], lrs, [0.3] * 3, {key: True})[key]
+    np.testing.assert_allclose(np.asarray(_flat(p)[key]), want, rtol=2e-5, atol=1e-7)
+
+
 def test_schedules_continue_from_restored_optimizer_counts():
     """optax's internal counts advance with the step, so update k uses lr(k) also after a restore."""
     params = {"w": jnp.ones((2, 2))}

@@ -7,7 +7,7 @@ schedules exactly.
 The chain (what one update does, in order)::
 
     clip (global L2 norm | per-parameter-tensor L2 norm | none)
-    -> scale_by_adam(b1, b2, eps)
+    -> scale_by_adam(b1, b2, eps)        (frozen tensors: their own instance, paused while frozen)
     -> add_decayed_weights(wd(step), mask = ndim >= 2 and not a bias)     # decoupled, as torch AdamW
     -> scale_by_learning_rate(lr(step))                                   # -lr * (adam + wd * p)
     -> freeze: zero the *updates* of params matching ``freeze_patterns`` while step < freeze_steps
@@ -31,9 +31,10 @@ pos_embed/cls_token -- the MoBY wrapper has no no-weight-decay hooks, trap T13) 
 parameters (LayerNorm/BN scales and offsets). ``no_decay_keywords`` excludes more by path substring.
 
 Freezing (DINO's ``freeze_last_layer``, trap T21): PyTorch drops the gradients, so AdamW skips the tensor
-entirely (no decay either). Here the final updates are masked (no step, no decay); the Adam moments of the
-frozen tensors still see their gradients during the freeze, unlike PyTorch whose moments stay empty -- a
-difference confined to the first post-freeze steps of those tensors.
+entirely: no decay, no moment update, and its per-parameter step counter does not advance, so the first update
+after the freeze is a fresh Adam step (bias correction from t=1). Here the frozen tensors get their own
+``scale_by_adam`` (``optax.multi_transform``) that is paused during the freeze (moments and count untouched), and
+the final updates are masked (no step, no decay) -- the same arithmetic as PyTorch.
 """
 from __future__ import annotations
 
@@ -149,6 +150,27 @@ def freeze_updates(mask: PyTree | Callable[[PyTree], PyTree], steps: int) -> opt
     return optax.GradientTransformation(init, update)
 
 
+class PausedState(NamedTuple):
+    count: jax.Array
+    inner: Any
+
+
+def paused_for(inner: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
+    """``inner`` that does nothing (zero updates, its state untouched) for the first ``steps`` updates, then runs
+    as if those never happened -- PyTorch's view of a parameter whose gradient was None."""
+    def init(params):
+        return PausedState(count=jnp.zeros((), jnp.int32), inner=inner.init(params))
+
+    def update(updates, state, params=None):
+        new_updates, new_inner = inner.update(updates, state.inner, params)
+        active = state.count >= steps
+        new_updates = jax.tree.map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates)
+        new_inner = jax.tree.map(lambda n, o: jnp.where(active, n, o), new_inner, state.inner)
+        return new_updates, PausedState(count=optax.safe_increment(state.count), inner=new_inner)
+
+    return optax.GradientTransformation(init, update)
+
+
 # ------------------------------------------------------------------------------------------------
 # The factory.
 
@@ -192,12 +214,18 @@ def make_optimizer(optim: ml_collections.ConfigDict, *, total_steps: int, warmup
         parts.append(clip_by_per_param_norm(float(optim.clip_norm)))
     elif optim.clip_mode != "none":
         raise ValueError(f"config.optim.clip_mode must be 'global', 'per_param' or 'none', got {optim.clip_mode!r}")
-    parts.append(optax.scale_by_adam(b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps)))
+    adam = lambda: optax.scale_by_adam(b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps))
+    patterns = tuple(optim.get("freeze_patterns", ()) or ())
+    freezing = freeze_steps > 0 and patterns
+    if freezing:
+        labels = lambda tree: jax.tree.map(lambda f: "frozen" if f else "trained", path_mask(tree, patterns))
+        parts.append(optax.multi_transform({"trained": adam(), "frozen": paused_for(adam(), freeze_steps)}, labels))
+    else:
+        parts.append(adam())
     keywords = tuple(optim.get("no_decay_keywords", ()) or ())
     forced = tuple(optim.get("decay_keywords", ()) or ())
     parts.append(optax.add_decayed_weights(wd, mask=lambda p: weight_decay_mask(p, keywords, forced)))
     parts.append(optax.scale_by_learning_rate(lr))
-    patterns = tuple(optim.get("freeze_patterns", ()) or ())
-    if freeze_steps > 0 and patterns:
+    if freezing:
         parts.append(freeze_updates(lambda u: path_mask(u, patterns), freeze_steps))
     return Optimizer(tx=optax.chain(*parts), lr=lr, weight_decay=wd)
