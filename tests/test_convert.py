@@ -580,6 +580,34 @@ def test_evaluators_read_converted_files(tmp_path):
         np.testing.assert_array_equal(got["norm"]["scale"], flat_state[f"{group}.norm.weight"])
 
 
+def test_evaluator_builds_the_model_from_converted_model_kwargs(tmp_path):
+    """evaluate.py on a converted file builds the backbone with the file's meta["model_kwargs"] (EsViT's norm_eps
+    1e-6, a non-default window) without the user setting them; its features equal a direct apply."""
+    from configs import knn as knn_config
+    from swin_ssl.evaluators import run
+    rng = np.random.default_rng(16)
+    flat_state = {}
+    for group in ("student", "teacher"):
+        flat_state.update({f"{group}.{k}": v for k, v in official_swin(rng, window=2).items()})
+        flat_state.update({f"{group}.{k}": v for k, v in dino_head(rng, "head.", 32, 12, 6, 20, True).items()})
+    conv = C.import_state(flat_state, "swin_test", "esvit", model_kwargs={"window_size": 2})
+    assert conv["meta"]["model_kwargs"] == {"window_size": 2, "norm_eps": 1e-6}
+    path = str(tmp_path / "esvit_w2.msgpack")
+    C.save_converted(conv, path)
+    config = knn_config.get_config("smoke")
+    config.init, config.params_path, config.model.name, config.network = "params_file", path, "", "default"
+    model, params, info = run.load(config)
+    assert info["model"] == "swin_test" and info["network"] == "target"
+    assert (model.window_size, model.norm_eps, model.num_classes) == (2, 1e-6, 0)
+    direct = create_model("swin_test", window_size=2, norm_eps=1e-6)
+    teacher = conv["variables"]["teacher"]["backbone"]
+    images = np.random.default_rng(17).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    got = model.apply({"params": params}, images)[1]
+    want = direct.apply(teacher, images)[1]
+    for name in ("pooled", "tokens"):
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=1e-6, atol=1e-6)
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("touch " + os.environ["SWIN_SSL_EVIL_MARK"],))

@@ -20,7 +20,7 @@ PyTree = Any
 
 # Where the evaluated network sits in a training state / checkpoint (swin_ssl.train.state.TrainState):
 # online = state.params["backbone"], target = state.target_params["backbone"]. Imported official checkpoints
-# (swin_ssl/convert.py) are backbone-only trees and are used as they are.
+# (swin_ssl/convert/) are backbone-only trees and are used as they are.
 NETWORK_KEYS = {"online": ("params", "online_params", "online", "student"),
                 "target": ("target_params", "ema_params", "params_ema", "target", "teacher")}
 BACKBONE_KEYS = ("backbone", "encoder")

@@ -2,7 +2,7 @@
 
 Parameter names mirror the official PyTorch state dict (``layers.0.blocks.1.attn.qkv.weight`` is
 ``params/layers_0/blocks_1/attn/qkv/kernel``), so released checkpoints convert by renaming and
-transposing (see ``swin_ssl/convert.py``).
+transposing (see ``swin_ssl/convert/layouts.py``).
 
 Where the official repositories disagree, this module follows EsViT, which is the superset:
   * the window size and the shift of every stage are decided once from the *configured* ``img_size``
