@@ -224,6 +224,99 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
+# ------------------------------------------------------------------------------------------------ resizing
+# PIL's filters (Pillow `Resample.c`): support in input pixels at scale 1, and the kernel.
+_PIL_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}
+_RESIZE_BLOCK = 8  # outputs per dense block of the banded resample (8-16 measured fastest on CPU)
+
+
+def _pil_filter(x: tf.Tensor, method: str) -> tf.Tensor:
+    x = tf.abs(x)
+    if method == "bilinear":
+        return tf.maximum(1.0 - x, 0.0)
+    a = -0.5  # PIL's bicubic (Keys, a = -0.5)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+    return tf.where(x < 1.0, near, tf.where(x < 2.0, far, tf.zeros_like(x)))
+
+
+def resample_plan(in_sizes: tf.Tensor, size: int, method: str, gain: float = 1.0) -> tuple[tf.Tensor, tf.Tensor]:
+    """PIL's 1-D resampling of `in_sizes[v]` samples to `size`, for V inputs at once, as banded blocks.
+
+    Output i of input v is `sum_j w_ij x_j` with PIL's coefficients (Pillow `precompute_coeffs`): centre
+    c_i = (i + 0.5) * n / size, kernel stretched by f = max(n / size, 1) (the low-pass filter when shrinking),
+    w_ij = filter((j - c_i + 0.5) / f) over the taps inside the image, normalised to sum 1 (times `gain`).
+    The band is cut into blocks of `_RESIZE_BLOCK` outputs; block b reads inputs `rows[v, b, :]` (L of
+    them, clipped to the image; the weights of clipped duplicates are 0). Returns `(rows int32 [V, nb, L],
+    weights float32 [V, nb, block, L])`; `apply_plan` then needs one gather and one batched GEMM.
+    """
+    n = tf.cast(tf.reshape(in_sizes, [-1]), tf.int32)
+    block = _RESIZE_BLOCK
+    num_blocks = -(-size // block)
+    n_f = tf.cast(n, tf.float64)[:, None]                                      # [V, 1]
+    scale = n_f / size
+    filter_scale = tf.maximum(scale, 1.0)
+    support = _PIL_SUPPORT[method] * filter_scale
+    out = tf.range(num_blocks * block)
+    center = (tf.cast(out, tf.float64)[None] + 0.5) * scale                 # [V, nb * block]
+    xmin = tf.maximum(tf.cast(center - support + 0.5, tf.int32), 0)          # C's (int) truncation, as PIL
+    xmax = tf.minimum(tf.cast(center + support + 0.5, tf.int32), n[:, None])
+    xmax = tf.where(out[None] < size, xmax, 0)                               # padding outputs read nothing
+    starts = xmin[:, ::block]                                                # xmin is non-decreasing
+    ends = tf.reduce_max(tf.reshape(xmax, [-1, num_blocks, block]), axis=2)
+    # Inputs read per block, rounded up to a multiple of 8: few distinct GEMM shapes (oneDNN builds a kernel
+    # per new shape, which costs more than a small product).
+    length = (tf.reduce_max(ends - starts) + 7) // 8 * 8
+    taps = starts[:, :, None] + tf.range(length)[None, None]                 # [V, nb, L]
+    offset = tf.cast(taps, tf.float64)[:, :, None] - tf.reshape(center, [-1, num_blocks, block, 1]) + 0.5
+    w = _pil_filter(tf.cast(offset / filter_scale[:, :, None, None], tf.float32), method)
+    # Outside [xmin, xmax) the filter is 0 already, except past the image end and for padding outputs.
+    inside = (taps[:, :, None] < tf.reshape(xmax, [-1, num_blocks, block, 1]))
+    w = tf.where(inside, w, tf.zeros_like(w))
+    total = tf.reduce_sum(w, axis=3, keepdims=True)
+    w = w * (gain / tf.where(total == 0.0, tf.ones_like(total), total))
+    return tf.minimum(taps, n[:, None, None] - 1), w
+
+
+def apply_plan(x: tf.Tensor, rows: tf.Tensor, weights: tf.Tensor, size: int) -> tf.Tensor:
+    """Resamples the leading axis of `x` ([n, m], uint8 or float) with one view's plan: float32 [size, m]."""
+    gathered = tf.cast(tf.gather(x, rows), tf.float32)                       # [nb, L, m]
+    out = tf.matmul(weights, gathered)                                       # [nb, block, m]
+    return tf.reshape(out, [-1, tf.shape(x)[1]])[:size]
+
+
+def resize_planned(image: tf.Tensor, size: int, method: str, plan_h, plan_w) -> tf.Tensor:
+    """`resize_like_pil` with precomputed plans (`plan_h` for the H input rows, `plan_w` for the W columns)."""
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    w_pad = (w + 15) // 16 * 16  # few distinct GEMM shapes, as in `resample_plan`
+    x = tf.pad(image, [[0, 0], [0, w_pad - w], [0, 0]])
+    x = apply_plan(tf.reshape(x, [h, w_pad * 3]), *plan_h, size)             # [size_h, W_pad * 3]
+    if method != "bilinear":
+        # Clip the bicubic overshoot of the first pass, as PIL's uint8 intermediate does.
+        x = tf.clip_by_value(x, 0.0, 255.0)
+    x = tf.reshape(tf.transpose(tf.reshape(x, [size, w_pad, 3])[:, :w], [1, 0, 2]), [w, size * 3])
+    out = apply_plan(x, *plan_w, size)                                       # [size_w, size_h * 3]
+    return tf.transpose(tf.reshape(out, [size, size, 3]), [1, 0, 2])
+
+
+def resize_like_pil(image: tf.Tensor, size: int, method: str = "bilinear", gain: float = 1.0) -> tf.Tensor:
+    """PIL's `Image.resize((size, size), BILINEAR | BICUBIC)` of a uint8 [H, W, 3] image, in float32 * gain.
+
+    Separable like PIL, with PIL's coefficients (antialiased when shrinking, plain interpolation when
+    enlarging; see `resample_plan`), vertical pass first (it needs no transpose; PIL goes horizontal first).
+    The intermediate is clipped to [0, 255] as PIL's uint8 intermediate is, but nothing is rounded to
+    uint8. Faster on CPU than `tf.image.resize(antialias=True)`, which computes the same filter
+    (tests/test_data_augment.py compares both with PIL on photos).
+    """
+    if method not in _PIL_SUPPORT:
+        raise ValueError(f"resize_like_pil supports {sorted(_PIL_SUPPORT)}, got {method!r}")
+    shape = tf.shape(image)
+    rows_h, w_h = resample_plan(shape[0], size, method)
+    rows_w, w_w = resample_plan(shape[1], size, method, gain)
+    return resize_planned(image, size, method, (rows_h[0], w_h[0]), (rows_w[0], w_w[0]))
+
+
 def blur_radius(spec: ViewSpec) -> int:
     return max(1, min(int(math.ceil(3.0 * spec.blur_sigma[1])), spec.size - 1))
 
@@ -234,16 +327,35 @@ def _group_key(spec: ViewSpec) -> tuple:
             spec.solarize_threshold)
 
 
+def _pil_resized(spec: ViewSpec) -> bool:
+    """Views resized by `resize_like_pil` (PIL's filter); the others by `tf.image.resize`."""
+    return spec.antialias and spec.interpolation in _PIL_SUPPORT
+
+
+def resize_plans(windows: tf.Tensor, spec: ViewSpec) -> tuple[tf.Tensor, ...]:
+    """`resample_plan`s of the crops `windows` ([V, 4]) for views like `spec`: (rows_h, w_h, rows_w, w_w)."""
+    rows_h, w_h = resample_plan(windows[:, 2], spec.size, spec.interpolation)
+    rows_w, w_w = resample_plan(windows[:, 3], spec.size, spec.interpolation, gain=1.0 / 255.0)
+    return rows_h, w_h, rows_w, w_w
+
+
 def apply_view(region: tf.Tensor, window: tf.Tensor, params: dict[str, tf.Tensor], spec: ViewSpec,
-               ops: Sequence[str] = ("flip", "jitter", "grayscale", "blur", "solarize")) -> tf.Tensor:
+               ops: Sequence[str] = ("flip", "jitter", "grayscale", "blur", "solarize"),
+               plan: Sequence[tf.Tensor] | None = None) -> tf.Tensor:
     """Crop `window` ([top, left, h, w] in `region`) out of a uint8 image, resize, apply the sampled ops.
 
     `params` holds one view's scalars from `sample_view_params`; `ops` lists the ops whose decision is
-    looked at (a group of views includes an op when any of them may apply it).
+    looked at (a group of views includes an op when any of them may apply it); `plan` is this view's
+    `resize_plans` entry (computed here when not given).
     """
     crop = region[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
-    image = tf.image.resize(crop, [spec.size, spec.size], method=_METHODS[spec.interpolation],
-                            antialias=spec.antialias) * (1.0 / 255.0)
+    if _pil_resized(spec):
+        if plan is None:
+            plan = [p[0] for p in resize_plans(window[None], spec)]
+        image = resize_planned(crop, spec.size, spec.interpolation, plan[:2], plan[2:])
+    else:
+        image = tf.image.resize(crop, [spec.size, spec.size], method=_METHODS[spec.interpolation],
+                                antialias=spec.antialias) * (1.0 / 255.0)
     if spec.interpolation not in ("bilinear", "nearest", "area"):
         image = tf.clip_by_value(image, 0.0, 1.0)  # bicubic/lanczos overshoot; PIL clips to uint8
     if "flip" in ops:  # a reverse over a dynamic (possibly empty) axis list: no branch needed
@@ -353,14 +465,21 @@ def views_from_region(region: tf.Tensor, windows: tf.Tensor, seed: tf.Tensor,
         # One static spec for the group: the blur kernel must be wide enough for the largest sigma.
         spec = dataclasses.replace(group_specs[0], blur_sigma=(0.0, max(s.blur_sigma[1] for s in group_specs)))
         ops = _used_ops(group_specs)
-        view_params = lambda i: {k: v[i] for k, v in params.items()}  # noqa: E731
+        idx = tf.constant(members, tf.int32)
+        group_windows = tf.gather(windows, idx)
+        group_params = {k: tf.gather(v, idx) for k, v in params.items()}
+        # The resize coefficients of all the group's views at once (a few ops instead of a few per view).
+        plans = resize_plans(group_windows, spec) if _pil_resized(spec) else ()
+
+        def one_view(elems, spec=spec, ops=ops):
+            window, view_params, plan = elems
+            return apply_view(region, window, view_params, spec, ops, plan or None)
         if len(members) == 1:
-            outs = [apply_view(region, windows[i], view_params(i), spec, ops) for i in members]
+            outs = [one_view((group_windows[0], {k: v[0] for k, v in group_params.items()},
+                              tuple(p[0] for p in plans)))]
         else:
-            idx = tf.constant(members, tf.int32)
-            stacked = tf.map_fn(lambda j, idx=idx, spec=spec, ops=ops: apply_view(
-                region, windows[idx[j]], view_params(idx[j]), spec, ops), tf.range(len(members)),
-                fn_output_signature=tf.TensorSpec([spec.size, spec.size, 3], tf.float32))
+            stacked = tf.map_fn(one_view, (group_windows, group_params, plans),
+                                fn_output_signature=tf.TensorSpec([spec.size, spec.size, 3], tf.float32))
             outs = tf.unstack(stacked)
         for i, out in zip(members, outs):
             views[specs[i].name] = out
