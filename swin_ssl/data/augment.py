@@ -291,16 +291,19 @@ def apply_plan(x: tf.Tensor, rows: tf.Tensor, weights: tf.Tensor, size: int) -> 
     return tf.reshape(out, [-1, tf.shape(x)[1]])[:size]
 
 
-def resize_planned(image: tf.Tensor, size: int, method: str, plan_h, plan_w) -> tf.Tensor:
-    """`resize_like_pil` with precomputed plans (`plan_h` for the H input rows, `plan_w` for the W columns)."""
+def resize_planned(image: tf.Tensor, size: int, method: str, plan_h, plan_w, transposed: bool = False) -> tf.Tensor:
+    """`resize_like_pil` with precomputed plans (`plan_h` for the H input rows, `plan_w` for the W columns).
+
+    With `transposed`, returns the [size_w, size_h, 3] transpose (the caller transposes later, fused).
+    """
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
     w_pad = (w + 15) // 16 * 16  # few distinct GEMM shapes, as in `resample_plan`
     x = tf.pad(image, [[0, 0], [0, w_pad - w], [0, 0]])
     x = apply_plan(tf.reshape(x, [h, w_pad * 3]), *plan_h, size)             # [size_h, W_pad * 3]
     x = tf.reshape(tf.transpose(tf.reshape(x, [size, w_pad, 3])[:, :w], [1, 0, 2]), [w, size * 3])
-    out = apply_plan(x, *plan_w, size)                                       # [size_w, size_h * 3]
-    return tf.transpose(tf.reshape(out, [size, size, 3]), [1, 0, 2])
+    out = tf.reshape(apply_plan(x, *plan_w, size), [size, size, 3])         # [size_w, size_h, 3]
+    return out if transposed else tf.transpose(out, [1, 0, 2])
 
 
 def resize_like_pil(image: tf.Tensor, size: int, method: str = "bilinear", gain: float = 1.0) -> tf.Tensor:
@@ -345,49 +348,78 @@ def resize_plans(windows: tf.Tensor, spec: ViewSpec) -> tuple[tf.Tensor, ...]:
     return rows_h, w_h, rows_w, w_w
 
 
-def apply_view(region: tf.Tensor, window: tf.Tensor, params: dict[str, tf.Tensor], spec: ViewSpec,
-               ops: Sequence[str] = ("flip", "jitter", "grayscale", "blur", "solarize"),
-               plan: Sequence[tf.Tensor] | None = None) -> tf.Tensor:
-    """Crop `window` ([top, left, h, w] in `region`) out of a uint8 image, resize, apply the sampled ops.
+def resize_view(region: tf.Tensor, window: tf.Tensor, spec: ViewSpec,
+                plan: Sequence[tf.Tensor] | None = None) -> tuple[tf.Tensor, bool]:
+    """Crops `window` ([top, left, h, w]) out of the uint8 `region` and resizes it: float [size, size, 3] in
+    [0, 1] (bicubic may overshoot), and whether it is transposed (PIL-filter path: `photometric` undoes it).
 
-    `params` holds one view's scalars from `sample_view_params`; `ops` lists the ops whose decision is
-    looked at (a group of views includes an op when any of them may apply it); `plan` is this view's
-    `resize_plans` entry (computed here when not given).
+    `plan` is this view's `resize_plans` entry (computed here when not given).
     """
     crop = region[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
     if _pil_resized(spec):
         if plan is None:
             plan = [p[0] for p in resize_plans(window[None], spec)]
-        image = resize_planned(crop, spec.size, spec.interpolation, plan[:2], plan[2:])
+        image = resize_planned(crop, spec.size, spec.interpolation, plan[:2], plan[2:], transposed=True)
+        transposed = True
     else:
         image = tf.image.resize(crop, [spec.size, spec.size], method=_METHODS[spec.interpolation],
                                 antialias=spec.antialias) * (1.0 / 255.0)
+        transposed = False
     image.set_shape([spec.size, spec.size, 3])
-    params = {k: params[k] for k in PHOTOMETRIC_PARAMS}
-    if JIT_PHOTOMETRIC:
-        return _photometric_jit(spec, tuple(ops))(image, params)
-    return photometric(image, params, spec, ops)
+    return image, transposed
 
 
-# The photometric ops of a view run as one XLA-compiled function (static [size, size, 3] shape; compiled
-# once per view kind and process, ~1-2 s): XLA fuses the chains of element-wise ops and the blur's
-# shifted sums into a few loops, ~2x faster than TF's op-by-op kernels on CPU. False: plain TF ops (same
-# results within float rounding; tests/test_data_augment.py compares the two).
+def apply_view(region: tf.Tensor, window: tf.Tensor, params: dict[str, tf.Tensor], spec: ViewSpec,
+               ops: Sequence[str] = ("flip", "jitter", "grayscale", "blur", "solarize")) -> tf.Tensor:
+    """Crop `window` ([top, left, h, w] in `region`) out of a uint8 image, resize, apply the sampled ops.
+
+    `params` holds one view's scalars from `sample_view_params`; `ops` lists the ops whose decision is
+    looked at (a group of views includes an op when any of them may apply it).
+    """
+    image, transposed = resize_view(region, window, spec)
+    return photometric_views(image[None], {k: params[k][None] for k in PHOTOMETRIC_PARAMS}, spec, ops,
+                             transposed)[0]
+
+
+# The photometric ops of a group of views run as one XLA-compiled function (static [V, size, size, 3]
+# shape; compiled once per view kind and process, ~1-2 s): XLA fuses the chains of element-wise ops, the
+# blur's shifted sums and the transpose left by the resize into a few loops, ~2x faster than TF's
+# op-by-op kernels on CPU. False: plain TF ops (the same results within float rounding;
+# tests/test_data_augment.py compares the two).
 JIT_PHOTOMETRIC = True
 PHOTOMETRIC_PARAMS = ("flip", "jitter", "brightness", "contrast", "saturation", "hue", "jitter_order",
                       "grayscale", "blur", "sigma", "solarize")
 
 
+def photometric_views(images: tf.Tensor, params: dict[str, tf.Tensor], spec: ViewSpec,
+                      ops: Sequence[str] = ("flip", "jitter", "grayscale", "blur", "solarize"),
+                      transposed: bool = False) -> tf.Tensor:
+    """`photometric` of each of the [V, size, size, 3] `images` with its [V] `params`, in one call."""
+    params = {k: params[k] for k in PHOTOMETRIC_PARAMS}
+    if JIT_PHOTOMETRIC:
+        return _photometric_views_jit(spec, tuple(ops), transposed)(images, params)
+    return _photometric_views(images, params, spec, tuple(ops), transposed)
+
+
+def _photometric_views(images, params, spec, ops, transposed):
+    return tf.map_fn(lambda e: photometric(e[0], e[1], spec, ops, transposed), (images, params),
+                     fn_output_signature=tf.TensorSpec([spec.size, spec.size, 3], tf.float32))
+
+
 @functools.lru_cache(maxsize=None)
-def _photometric_jit(spec: ViewSpec, ops: tuple[str, ...]):
-    return tf.function(lambda image, params: photometric(image, params, spec, ops), jit_compile=True,
-                       autograph=False)
+def _photometric_views_jit(spec: ViewSpec, ops: tuple[str, ...], transposed: bool):
+    return tf.function(lambda images, params: _photometric_views(images, params, spec, ops, transposed),
+                       jit_compile=True, autograph=False)
 
 
 def photometric(image: tf.Tensor, params: dict[str, tf.Tensor], spec: ViewSpec,
-                ops: Sequence[str] = ("flip", "jitter", "grayscale", "blur", "solarize")) -> tf.Tensor:
+                ops: Sequence[str] = ("flip", "jitter", "grayscale", "blur", "solarize"),
+                transposed: bool = False) -> tf.Tensor:
     """Everything after the resize, on a float [size, size, 3] image in [0, 1] (bicubic may overshoot):
-    clip, flip, colour jitter, grayscale, blur, solarize, normalise, each as `params` decides."""
+    clip, flip, colour jitter, grayscale, blur, solarize, normalise, each as `params` decides.
+    `transposed`: the image comes [W, H, 3] (from `resize_view`)."""
+    if transposed:
+        image = tf.transpose(image, [1, 0, 2])
     if spec.interpolation not in ("bilinear", "nearest", "area"):
         image = tf.clip_by_value(image, 0.0, 1.0)  # bicubic/lanczos overshoot; PIL clips to uint8
     if "flip" in ops:
@@ -482,8 +514,8 @@ def views_from_region(region: tf.Tensor, windows: tf.Tensor, seed: tf.Tensor,
                       specs: Sequence[ViewSpec]) -> dict[str, tf.Tensor]:
     """Stage 2 (never fails on data): crop, resize and augment every view from the decoded region.
 
-    Views with the same size/interpolation are made by one `tf.map_fn` body, so the traced graph does
-    not grow with the number of local crops.
+    Views with the same size/interpolation form a group: one resize plan for all of them, then each
+    view's crop + resize, then one (XLA-compiled) call for the group's photometric ops.
     """
     specs = list(specs)
     params = sample_view_params(tf.random.experimental.stateless_fold_in(seed, 1), specs)
@@ -499,19 +531,13 @@ def views_from_region(region: tf.Tensor, windows: tf.Tensor, seed: tf.Tensor,
         idx = tf.constant(members, tf.int32)
         group_windows = tf.gather(windows, idx)
         group_params = {k: tf.gather(v, idx) for k, v in params.items()}
-        # The resize coefficients of all the group's views at once (a few ops instead of a few per view).
-        plans = resize_plans(group_windows, spec) if _pil_resized(spec) else ()
-
-        def one_view(elems, spec=spec, ops=ops):
-            window, view_params, plan = elems
-            return apply_view(region, window, view_params, spec, ops, plan or None)
-        if len(members) == 1:
-            outs = [one_view((group_windows[0], {k: v[0] for k, v in group_params.items()},
-                              tuple(p[0] for p in plans)))]
-        else:
-            stacked = tf.map_fn(one_view, (group_windows, group_params, plans),
-                                fn_output_signature=tf.TensorSpec([spec.size, spec.size, 3], tf.float32))
-            outs = tf.unstack(stacked)
+        # The resize coefficients of all the group's views at once (a few ops instead of a few per view),
+        # each view's crop + resize (dynamic shapes: TF ops), then the photometric ops of the whole group.
+        plans = resize_plans(group_windows, spec) if _pil_resized(spec) else None
+        resized = [resize_view(region, group_windows[j], spec, None if plans is None else [p[j] for p in plans])
+                   for j in range(len(members))]
+        outs = tf.unstack(photometric_views(tf.stack([r[0] for r in resized]), group_params, spec, ops,
+                                            transposed=resized[0][1]))
         for i, out in zip(members, outs):
             views[specs[i].name] = out
     return views
