@@ -10,8 +10,10 @@ crop+resize -> horizontal flip -> colour jitter (p) -> grayscale (p) -> Gaussian
 
 * RandomResizedCrop: torchvision's sampler exactly (10 attempts of area ~ U(scale) * H * W and
   log-aspect ~ U(log ratio), w/h rounded, first attempt that fits; else a centre crop clamped to the ratio).
-  The crop is resized with `tf.image.resize(antialias=True)`, which, like PIL, low-pass filters when it
-  shrinks. Bicubic uses Keys' a=-0.5 kernel as PIL does.
+  The crop is resized with PIL's filter coefficients (`resize_like_pil`: like PIL, it low-pass filters
+  when it shrinks; bicubic is Keys' a=-0.5 kernel as in PIL), computed as banded matrix products; it
+  equals `tf.image.resize(antialias=True)` within float rounding and is 2-3x faster (other
+  interpolations, and `antialias=False`, use `tf.image.resize`).
 * ColorJitter(b, c, s, h): torchvision's semantics, not tf.image's: factors b ~ U[1-b, 1+b],
   c ~ U[1-c, 1+c], s ~ U[1-s, 1+s], hue ~ U[-h, h], applied in a uniformly random order of the four ops
   (torchvision draws `randperm(4)`), each followed by a clip to [0, 1]. Brightness multiplies (blend with
@@ -20,6 +22,8 @@ crop+resize -> horizontal flip -> colour jitter (p) -> grayscale (p) -> Gaussian
   (PIL's "L"). Unlike PIL we keep float32 between ops instead of rounding to uint8 after each op.
 * Gaussian blur: a separable Gaussian with std sigma ~ U(blur_sigma) pixels (PIL's `GaussianBlur(radius)`
   takes the std too; PIL approximates it with box filters), support ceil(3 * max sigma), edges mirrored.
+* Speed: everything after the resize (clip, flip, jitter, grayscale, blur, solarize, normalise) runs for
+  all the views of one size as one XLA-compiled call (`JIT_PHOTOMETRIC`), compiled once per process.
 * Solarize: PIL's `ImageOps.solarize(threshold=128)` on the uint8 scale: x >= 128/255 -> 1 - x.
 * Eval: torchvision's Resize(round(size / crop_pct)) on the shorter side (longer side truncated as
   torchvision does) then CenterCrop(size) with its rounding.
