@@ -12,9 +12,8 @@ one, a PIL + NumPy copy of the same recipes stands in (marked "PIL copy"). Both 
 the same single core (unless `--no-pin`) and timed alternately, `--repeats` times each; the figures are
 medians of images per second of CPU time (robust when other jobs share the machine; equal to the wall
 rate on an idle core), and the ratio is ours / reference measured in the same run. For ours the CPU time
-of a repeat runs from the start of one timed window to the start of the next, so the batches tf.data
-prefetches after a window are charged to it: each repeat starts and ends with tf.data's buffers full and
-its threads idle, so the CPU time in between made exactly the images the window took.
+of a repeat runs from tf.data's buffers full and its threads idle, through the timed window, to buffers
+full and threads idle again: exactly the work of the images the window took, prefetching included.
 
 `--no-antialias-rows` also times `antialias=False` (plain bilinear/bicubic; aliases when shrinking, unlike
 PIL). The documented baselines (2-vCPU Cascade Lake CI machine kind) are printed for reference only.
@@ -33,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -93,35 +93,47 @@ class TFPipeline:
         self.batch = batch
         for _ in range(2):  # warm-up: tracing, first allocations
             next(self.it)
-        self._cpu_start, self._images = None, 0
         self.cpu_rates, self.wall_rates = [], []
 
     @staticmethod
-    def _quiesce(timeout: float = 30.0) -> float:
-        """Waits until tf.data's background threads have filled their buffers and idle; returns CPU time."""
+    def _runnable_threads() -> int:
+        """Threads of this process, other than this one, that run or wait for a CPU (Linux; else 0)."""
+        me, n = str(threading.get_native_id()), 0
+        try:
+            for tid in os.listdir("/proc/self/task"):
+                if tid != me:
+                    with open(f"/proc/self/task/{tid}/stat") as f:
+                        n += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except OSError:
+            return 0
+        return n
+
+    @classmethod
+    def _quiesce(cls, timeout: float = 60.0) -> float:
+        """Waits until tf.data's threads have filled their buffers and idle; returns the CPU time then.
+
+        Idle = under 2 ms of CPU in 0.1 s and no thread runnable (on a loaded core a starved thread uses
+        no CPU without being idle).
+        """
         end = time.perf_counter() + timeout
         cpu = time.process_time()
         while time.perf_counter() < end:
             time.sleep(0.1)
             now = time.process_time()
-            if now - cpu < 0.002:
+            if now - cpu < 0.002 and not cls._runnable_threads():
                 return now
             cpu = now
         return cpu
 
     def time(self, images: int) -> None:
-        cpu_now = self._quiesce()
-        if self._cpu_start is not None:  # close the previous repeat: buffers are as full as when it started
-            self.cpu_rates.append(self._images / (cpu_now - self._cpu_start))
+        cpu = self._quiesce()
         steps = max(1, math.ceil(images / self.batch))
-        self._cpu_start, self._images = cpu_now, steps * self.batch
         wall = time.perf_counter()
         for _ in range(steps):
             next(self.it)
-        self.wall_rates.append(self._images / (time.perf_counter() - wall))
-
-    def finish(self) -> None:
-        self.cpu_rates.append(self._images / (self._quiesce() - self._cpu_start))
+        self.wall_rates.append(steps * self.batch / (time.perf_counter() - wall))
+        # Charge the refill of the buffers to this window: CPU from idle-and-full to idle-and-full again.
+        self.cpu_rates.append(steps * self.batch / (self._quiesce() - cpu))
 
 
 # ---------------------------------------------------------------- torchvision reference (subprocess)
@@ -324,8 +336,6 @@ def main() -> None:
                 for _, pipe in pipes:
                     pipe.time(args.images)
                 ref.time(ref_images)
-            for _, pipe in pipes:
-                pipe.finish()
             ref.close()
             ref_cpu = statistics.median(ref.cpu_rates)
             for suffix, pipe in pipes:
