@@ -112,7 +112,7 @@ def demo(c: ml_collections.ConfigDict, model: str = "swin_nano") -> None:
     """Fashion-MNIST at 32 px on the CPU: a sanity run of the whole multi-crop pipeline, not a result."""
     c.model.name = model
     # The CPU models bring their own windows. patch 4 (8x8 -> 4x4 -> 2x2 tokens at 32 px; 4x4 at the 16-px locals):
-    # with MoBY it made steps ~3-4x faster and the features better at equal steps (runs/EXPERIMENTS.md).
+    # with MoBY it made steps ~3-4x faster and the features better at equal steps (docs/fmnist_experiments.md).
     c.model.overrides = dict(norm_eps=1e-6, patch_size=4)
     c.model.drop_path_rate = 0.0  # as the MoBY Fashion-MNIST recipe: a few epochs of a 6-block net underfit
     c.data = multicrop_data("fashion_mnist", 32, common.FASHION_MNIST_TRAIN_EXAMPLES, num_local=4,

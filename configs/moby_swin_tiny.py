@@ -40,8 +40,8 @@ def _paper100(c):
 
 
 def _fmnist(c, steps: int):
-    """``swin_nano`` on Fashion-MNIST at 32 px on the CPU: the recipe measured in runs/EXPERIMENTS.md (README,
-    "The demo on Fashion-MNIST"). Values that differ from the ImageNet recipe, and why:"""
+    """``swin_nano`` on Fashion-MNIST at 32 px on the CPU: the recipe measured in docs/fmnist_experiments.md
+    (README, "The demo on Fashion-MNIST"). Values that differ from the ImageNet recipe, and why:"""
     c.model.name = "swin_nano"
     # patch 4 (8x8 -> 4x4 -> 2x2 tokens) instead of swin_nano's patch 2: 4x fewer tokens, ~3-4x faster steps
     # (0.37 vs 1.1-1.6 s at batch 64 on 2 cores), so 4x more epochs fit the CPU budget; at 1000 steps it already
