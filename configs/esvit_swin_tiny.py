@@ -10,7 +10,7 @@ Presets (``--config configs/esvit_swin_tiny.py:<preset>``):
   paper300_w14  the same with window 14 (EsViT ``swin_tiny_patch4_window14_224.yaml``): 78.7 / 77.0.
   view300       view term only (``--use_dense_prediction False``): 77.0 / 74.2.
   demo          ``swin_nano`` on Fashion-MNIST: 2 x 32-px globals + 4 x 16-px locals, out_dim 1024, 500 steps of
-                batch 64 (~2 CPU-s each: about 10 minutes on 2 cores); a sanity run, not a result.
+                batch 64 (patch 4: ~0.4 s each, 4.5 minutes on 2 cores); a sanity run, not a result.
   smoke         ``swin_test`` on synthetic data, 2 x 32 + 2 x 16 crops, out_dim 64, a few steps (CI).
 
 This file also holds :func:`esvit_config`, the shared EsViT/DINO config builder used by the other
@@ -127,8 +127,8 @@ def demo(c: ml_collections.ConfigDict, model: str = "swin_nano") -> None:
     c.dino.hidden_dim = 512
     c.dino.bottleneck_dim = 128
     c.dino.region_chunk_size = 0
-    # 500 steps (~2 CPU-s each: about 10 minutes on 2 cores) are < 1 Fashion-MNIST epoch (937 steps at batch 64):
-    # no per-epoch temperature warm-up and a 40-step last-layer freeze instead of the 1-epoch one.
+    # 500 steps (~0.4 s each with patch 4: 4.5 minutes on 2 cores) are < 1 Fashion-MNIST epoch (937 steps at
+    # batch 64): no per-epoch temperature warm-up and a 40-step last-layer freeze instead of the 1-epoch one.
     c.dino.teacher_temp = 0.04
     c.dino.warmup_teacher_temp_epochs = 0
     c.dino.momentum = 0.99  # short runs want a faster teacher (DINO issue #104 advice is for tiny batches)
