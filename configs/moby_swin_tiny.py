@@ -5,9 +5,11 @@ Presets (``--config configs/moby_swin_tiny.py:<preset>``):
             wd 0.05, 5 warmup epochs, cosine, clip 5, drop path 0.2/0.0, queue 4096, T 0.2, momentum 0.99 -> 1.
             (Reported linear top-1: 75.0 paper / 75.3 README.) Default.
   paper100  the same for 100 epochs (reported 70.9).
-  demo      ``swin_nano`` on Fashion-MNIST at 32 px on the CPU: 700 steps of batch 64, heads 512->128, queue 1024
-            (~1.1 s of CPU time per step, 8 simulated devices). A sanity run, not a result: measured k-NN (k=20)
-            74.6 % vs 69.4 % for the random-init network and 84.6 % for raw pixels.
+  demo      ``swin_nano`` (patch 4) on Fashion-MNIST at 32 px on the CPU: 1200 steps of batch 64 (~8 min on 2 idle
+            cores), heads 512->128, queue 1024, the recipe of ``_fmnist`` below (what ``make demo`` runs).
+  fmnist30  the same recipe for 4000 steps (~4.3 epochs, <= 30 min on 2 cores; ``benchmarks/fmnist.py``). Measured
+            (60k bank / 10k test): k-NN 82.6 / 84.3 (k=1 / k=20) vs 85.8 / 84.6 for raw pixels and 79.2 / 79.2 for the
+            random-init network; linear probe 86.6 vs 84.6 (raw) and 80.6 (random init). README has the table.
   smoke     ``swin_test`` on synthetic data, a handful of steps: exercises every code path in seconds (tests).
 
 Example::
@@ -37,20 +39,46 @@ def _paper100(c):
     c.total_epochs = 100.0
 
 
-def _demo(c):
+def _fmnist(c, steps: int):
+    """``swin_nano`` on Fashion-MNIST at 32 px on the CPU: the recipe measured in docs/fmnist_experiments.md
+    (README, "The demo on Fashion-MNIST"). Values that differ from the ImageNet recipe, and why:"""
     c.model.name = "swin_nano"
+    # patch 4 (8x8 -> 4x4 -> 2x2 tokens) instead of swin_nano's patch 2: 4x fewer tokens, ~3-4x faster steps
+    # (0.37 vs 1.1-1.6 s at batch 64 on 2 cores), so 4x more epochs fit the CPU budget; at 1000 steps it already
+    # beat the patch-2 preset at 700 steps (k-NN k=20 76.7 on a 10k bank vs 74.6 on the 60k bank).
+    c.model.overrides = dict(patch_size=4)
+    # no stochastic depth: a 6-block net trained for a few epochs underfits; drop path only slows it down.
+    c.model.drop_path_rate = 0.0
     c.data = common.data_config("fashion_mnist", 32, common.FASHION_MNIST_TRAIN_EXAMPLES)  # "": system dir or cache
-    c.data.crop_scale = (0.2, 1.0)  # 28-px garments: ImageNet's 0.08 would leave a few pixels of texture
+    # crops of 40-100 % of a 28-px garment: (0.2, 1) gave k-NN k=20 76.7, (0.4, 1) 78.3 at 1000 steps.
+    c.data.crop_scale = (0.4, 1.0)
+    # grey images: saturation, hue and greyscale are no-ops, and hue costs input-pipeline time.
+    c.data.color_jitter = (0.4, 0.4, 0.0, 0.0)
+    c.data.grayscale_prob = 0.0
     c.data.blur_sigma = (0.1 * 32 / 224, 2.0 * 32 / 224)  # the reference blur range scaled to 32-px views
+    c.data.eval_crop_pct = 1.0  # evaluate the whole garment, as the evaluators do (training crops at scale 1)
     c.batch_size = 64
     common.scale_heads(c, hidden=512, dim=128, queue=1024)
     c.total_epochs = 1.0e9  # bounded by total_steps below
-    c.total_steps = 700
-    c.warmup_steps = 50
-    c.optim.base_lr = 1e-3 * 512 / 64  # lr 1e-3 at batch 64 (8x linear scaling) for a short run; not tuned
-    c.log_every_steps = 25
-    c.checkpoint_every_steps = 200
+    c.total_steps = steps
+    c.warmup_steps = 100
+    # lr 1e-3 at batch 64 (8x the linear scaling rule, for a short run): 2e-3 was worse (k=20 75.2 vs 76.7); 5e-4
+    # was better at 1000 steps (79.1 vs 78.3, linear 82.0 vs 80.3) but is not yet measured at the 4000-step length
+    # the README numbers are for, so the measured 1e-3 stays until it is.
+    c.optim.base_lr = 1e-3 * 512 / 64
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 500
     c.keep_checkpoints = 2
+
+
+def _demo(c):
+    # 1200 steps (1.3 epochs): ~8 min of pretraining on 2 idle cores (0.37 s/step), so `make demo` (pretraining +
+    # the 60k-bank k-NN table) stays under 15 minutes with room for a busy machine.
+    _fmnist(c, steps=1200)
+
+
+def _fmnist30(c):
+    _fmnist(c, steps=4000)  # ~4.3 epochs, the 30-minute budget of benchmarks/fmnist.py on 2 cores
 
 
 def _smoke(c):
@@ -65,7 +93,7 @@ def _smoke(c):
     c.keep_checkpoints = 2
 
 
-PRESETS = {"paper300": _paper300, "paper100": _paper100, "demo": _demo, "smoke": _smoke}
+PRESETS = {"paper300": _paper300, "paper100": _paper100, "demo": _demo, "fmnist30": _fmnist30, "smoke": _smoke}
 
 
 def get_config(arg: str | None = None):

@@ -167,3 +167,21 @@ def test_pooled_is_the_tail_of_the_last_blocks_feature():
     last = np.asarray(common.select_features(feats, "last_blocks", 4))
     assert last.shape == (3, 16 + 16 + 32 + 32)  # swin_test: 2 stage-1 blocks (16-d) + 2 stage-2 blocks (32-d)
     np.testing.assert_allclose(last[:, -model.num_features:], np.asarray(feats["pooled"]), rtol=1e-6, atol=1e-6)
+
+
+def test_fashion_mnist_eval_view_is_the_pipeline_view():
+    """The evaluators' 28 -> 32 px resize of a whole Fashion-MNIST image equals the data pipeline's eval view with
+    ``eval_crop_pct=1`` (what the Fashion-MNIST presets set) and a training crop at scale 1: one framing for all."""
+    import tensorflow as tf
+
+    from swin_ssl.data import augment
+    from swin_ssl.evaluators import datasets
+
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 28, 28), dtype=np.uint8)
+    ours = datasets.to_model_input(images, 32)
+    pipeline = np.stack([augment.eval_transform(tf.convert_to_tensor(np.repeat(im[..., None], 3, -1)), 32, 1.0,
+                                                "bilinear").numpy() for im in images])
+    np.testing.assert_allclose(ours, pipeline, atol=1e-4)
+    for preset in ("demo", "fmnist30"):
+        from configs import moby_swin_tiny
+        assert moby_swin_tiny.get_config(preset).data.eval_crop_pct == 1.0
