@@ -20,6 +20,7 @@ one and is not run here for time), and wall-clock seconds per stage. A benchmark
     ... --objectives moby --knn_every 1000     # MoBY only, with the in-training k-NN learning curve (README run)
     ... --objectives moby --steps 200 --linear_epochs 30 --train_examples 20000    # quicker
     ... --skip_pretrain      # evaluate the checkpoints already in --workdir/{moby,esvit}
+    ... --set optim.base_lr=0.004     # any training-config field
 
 Pretraining resumes from ``--workdir/<objective>`` when a checkpoint is there (a finished run is not repeated).
 Results: printed table and ``--workdir/fmnist_results.json``.
@@ -27,6 +28,7 @@ Results: printed table and ``--workdir/fmnist_results.json``.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -41,7 +43,8 @@ CONFIGS = {"moby": "configs/moby_swin_tiny.py", "esvit": "configs/esvit_swin_tin
 LINEAR_LRS = {"esvit": (1e-3, 1e-2, 1e-1, 1.0, 10.0), "moby": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)}  # base lrs (per 256 / 512)
 
 
-def load_train_config(objective: str, steps: int | None, preset: str = "fmnist30", knn_every: int = 0):
+def load_train_config(objective: str, steps: int | None, preset: str = "fmnist30", knn_every: int = 0,
+                      overrides: dict | None = None):
     import importlib.util
     spec = importlib.util.spec_from_file_location(f"cfg_{objective}", os.path.join(REPO, CONFIGS[objective]))
     module = importlib.util.module_from_spec(spec)
@@ -50,6 +53,7 @@ def load_train_config(objective: str, steps: int | None, preset: str = "fmnist30
         print(f"{CONFIGS[objective]} has no preset {preset!r}; using 'demo'", flush=True)
         preset = "demo"
     config = module.get_config(preset)
+    config.update_from_flattened_dict(overrides or {})  # unknown keys fail here
     if knn_every:  # learning curve: in-training k-NN (online/teacher network) on a 10k bank / the 10k test set
         config.evals.every_steps = int(knn_every)
         config.evals.fn = "swin_ssl.evaluators.knn:in_training_knn"
@@ -62,11 +66,12 @@ def load_train_config(objective: str, steps: int | None, preset: str = "fmnist30
     return config
 
 
-def pretrain(objective: str, workdir: str, steps: int | None, preset: str, knn_every: int) -> float:
+def pretrain(objective: str, workdir: str, steps: int | None, preset: str, knn_every: int,
+             overrides: dict | None = None) -> float:
     """Trains (or resumes/finishes) the preset; returns the wall-clock seconds spent now."""
     from swin_ssl.train.loop import train_and_evaluate
 
-    config = load_train_config(objective, steps, preset, knn_every)
+    config = load_train_config(objective, steps, preset, knn_every, overrides)
     t0 = time.perf_counter()
     out = train_and_evaluate(config, workdir)
     for step, metrics in out["evals"]:
@@ -104,6 +109,8 @@ def main(argv=None) -> int:
                         help="config preset: fmnist30 (30-minute budget on 2 cores; falls back to demo where a "
                              "config has none) or demo (the ~10-minute `make demo` recipe)")
     parser.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the preset's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a training-config field, e.g. --set optim.base_lr=0.004 (repeatable)")
     parser.add_argument("--knn_every", type=int, default=0,
                         help="in-training k-NN (10k bank, 10k test) every N steps: the learning curve")
     parser.add_argument("--skip_pretrain", action="store_true", help="evaluate existing checkpoints only")
@@ -112,6 +119,15 @@ def main(argv=None) -> int:
     parser.add_argument("--test_examples", type=int, default=None, help="subset of the 10k test images")
     parser.add_argument("--batch_size", type=int, default=512, help="feature-extraction batch")
     args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value  # a bare string
 
     import jax
     from swin_ssl.evaluators import compare
@@ -129,7 +145,7 @@ def main(argv=None) -> int:
         seconds = 0.0
         if not args.skip_pretrain:
             print(f"pretraining {objective} -> {run_dir}", flush=True)
-            seconds = pretrain(objective, run_dir, args.steps, args.preset, args.knn_every)
+            seconds = pretrain(objective, run_dir, args.steps, args.preset, args.knn_every, overrides)
             print(f"pretraining {objective}: {seconds:.0f} s", flush=True)
         model, params, meta = compare.load_checkpoint_backbone(run_dir, "default")
         data_cfg = compare.fmnist_config(meta["image_size"], args.train_examples, args.test_examples)
