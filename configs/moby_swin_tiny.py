@@ -79,6 +79,9 @@ def _demo(c):
 
 def _fmnist30(c):
     _fmnist(c, steps=4000)  # ~4.3 epochs, the 30-minute budget of benchmarks/fmnist.py on 2 cores
+    # lr 5e-4 at batch 64: at 4000 steps it beat 1e-3 on every metric (k-NN 83.35 / 85.08 vs 82.56 / 84.32,
+    # linear 87.01 vs 86.57; README). The demo keeps 1e-3, the lr its README numbers were measured with.
+    c.optim.base_lr = 5e-4 * 512 / 64
 
 
 def _smoke(c):
