@@ -175,13 +175,8 @@ def _give_up_on(workdir: str, step: int, error: Exception) -> str:
 
 def latest_step(workdir: str) -> int | None:
     """Latest finished checkpoint step in ``workdir`` (None if there is none)."""
-    directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        return None
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step()
-    manager.close()
-    return step
+    steps = _step_dirs(checkpoint_dir(workdir))
+    return steps[0] if steps else None
 
 
 def restore_raw(workdir: str, step: int | None = None) -> tuple[dict, dict]:

@@ -252,7 +252,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         evals.append((step, run_evals(config, state, objective, step, workdir, writer)))
             if step != last_saved:
                 save(step, force=True)
-            manager.wait_until_finished()
     finally:
         # Also on an exception: the save in flight (the last good state) is completed, never left half-written.
         manager.wait_until_finished()

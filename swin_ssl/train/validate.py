@@ -11,7 +11,8 @@ import os
 
 import ml_collections
 
-OBJECTIVE_MODULES = {"moby": "moby", "esvit": "dino", "dino": "dino"}  # config.objective -> swin_ssl.objectives.*
+# config.objective -> swin_ssl.objectives.<module>; the objective's settings live in config.<module>.
+OBJECTIVE_MODULES = {"moby": "moby", "esvit": "dino", "dino": "dino"}
 DTYPES = ("float32", "bfloat16", "float16")
 NONFINITE_POLICIES = ("stop", "skip")
 
@@ -36,7 +37,6 @@ SCHEMA = {
 }
 FREE_FORM = ("model.overrides", "evals.kwargs")
 DATA_EXTRA_KEYS = ("name", "data_dir", "manual_dir", "num_train_examples")
-OBJECTIVE_BLOCK = {"moby": "moby", "esvit": "dino", "dino": "dino"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +97,8 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
     for key in ("objective", "model", "data", "batch_size", "optim", "evals"):
         if key not in config:
             _fail(key, None, "is required")
-    block = OBJECTIVE_BLOCK.get(config.objective)
-    if block is not None and block not in config:
+    block = OBJECTIVE_MODULES[config.objective]
+    if block not in config:
         _fail(block, None, f"is required for objective {config.objective!r}")
 
 
@@ -109,10 +109,9 @@ def _model(config: ml_collections.ConfigDict):
     return create_model(config.model.name, **{"num_classes": 0, "img_size": int(config.data.image_size), **overrides})
 
 
-def check_resolution(config: ml_collections.ConfigDict) -> None:
+def check_resolution(config: ml_collections.ConfigDict, model) -> None:
     """The training resolution must tile exactly (the official models do not pad at the configured size)."""
     size = int(config.data.image_size)
-    model = _model(config)
     patch = int(model.patch_size)
     if size % patch:
         _fail("data.image_size", size, f"must be a multiple of the {config.model.name} patch size {patch}")
@@ -140,7 +139,7 @@ def _check_range(key: str, value, low: float, high: float) -> None:
         _fail(key, tuple(value), f"must satisfy {low} <= min <= max <= {high}")
 
 
-def check_crops(config: ml_collections.ConfigDict) -> None:
+def check_crops(config: ml_collections.ConfigDict, model) -> None:
     """Crop scales are fractions of the image; local crops must be sizes the backbone can run on.
 
     Local crops are not at the model's configured resolution: Swin pads their token maps to whole windows (and odd
@@ -155,7 +154,6 @@ def check_crops(config: ml_collections.ConfigDict) -> None:
         _fail("data.num_local_crops", num_local, "must be >= 0")
     if num_local == 0:
         return
-    model = _model(config)
     patch = int(model.patch_size)
     if local <= 0 or local % patch:
         _fail("data.local_size", local, f"must be a positive multiple of the {config.model.name} patch size {patch}")
@@ -169,7 +167,7 @@ def check_schedules(config: ml_collections.ConfigDict, d: "Durations") -> None:
         _fail("warmup_steps", d.warmup_steps, f"warmup must be shorter than the run ({d.total_steps} steps)")
     if not 0 <= d.freeze_steps < d.total_steps:
         _fail("optim.freeze_steps", d.freeze_steps, f"the frozen phase must be shorter than the run ({d.total_steps} steps)")
-    if "dino" in config and config.objective in ("esvit", "dino"):
+    if OBJECTIVE_MODULES[config.objective] == "dino":
         epochs = int(config.dino.warmup_teacher_temp_epochs)
         if epochs < 0 or epochs * d.steps_per_epoch > d.total_steps:
             _fail("dino.warmup_teacher_temp_epochs", epochs, f"the teacher-temperature warm-up ({epochs} epochs of "
@@ -218,8 +216,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     if config.optim.clip_mode not in ("global", "per_param", "none"):
         _fail("optim.clip_mode", config.optim.clip_mode, "must be 'global', 'per_param' or 'none'")
     check_data(config)
-    check_resolution(config)
-    check_crops(config)
+    model = _model(config)
+    check_resolution(config, model)
+    check_crops(config, model)
     d = durations(config)
     if d.total_steps <= 0:
         _fail("total_steps", config.get("total_steps"), "set total_steps or total_epochs to a positive duration")
