@@ -66,11 +66,7 @@ def moby_config(model: str, *, epochs: int = 300, batch_size: int = 512) -> ml_c
                                             proj_hidden_dim=4096, pred_hidden_dim=4096, proj_layers=2,
                                             pred_layers=2))
     c.data = data_config("imagenet2012", 224, IMAGENET_TRAIN_EXAMPLES)
-    c.batch_size = batch_size
-    c.total_epochs = float(epochs)
-    c.total_steps = config_dict.placeholder(int)
-    c.warmup_epochs = 5.0
-    c.warmup_steps = config_dict.placeholder(int)
+    add_duration_fields(c, batch_size=batch_size, epochs=epochs, warmup_epochs=5)
     c.optim = ml_collections.ConfigDict(dict(
         base_lr=1e-3, warmup_lr=5e-7, min_lr=5e-6, lr_batch_base=512,  # all scaled by batch_size / 512
         scale_min_lr=True,
@@ -83,6 +79,16 @@ def moby_config(model: str, *, epochs: int = 300, batch_size: int = 512) -> ml_c
         freeze_patterns=(), freeze_epochs=0.0, freeze_steps=config_dict.placeholder(int),
     ))
     return add_run_fields(c)
+
+
+def add_duration_fields(c: ml_collections.ConfigDict, *, batch_size: int, epochs: float,
+                        warmup_epochs: float) -> None:
+    """Global batch and the run's length in epochs; the ``*_steps`` twins stay unset (set, they win)."""
+    c.batch_size = batch_size
+    c.total_epochs = float(epochs)
+    c.total_steps = config_dict.placeholder(int)
+    c.warmup_epochs = float(warmup_epochs)
+    c.warmup_steps = config_dict.placeholder(int)
 
 
 def add_run_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

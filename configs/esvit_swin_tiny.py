@@ -30,7 +30,7 @@ absolute (``optim.scale_min_lr=False``), so ``--config.batch_size=...`` changes 
 Example::
 
     python train.py --config configs/esvit_swin_tiny.py:smoke --workdir /tmp/esvit_smoke
-    python train.py --config configs/esvit_swin_tiny.py:paper300 --workdir gs://.../esvit_swin_t \
+    python train.py --config configs/esvit_swin_tiny.py:paper300 --workdir runs/esvit_swin_t \
         --config.data.data_dir=/data/tfds
 """
 import os
@@ -83,11 +83,7 @@ def esvit_config(model: str, *, objective: str = "esvit", epochs: int = 300, bat
         region_chunk_size=17,  # 170 student tokens per image (2x49 + 8x9) -> 10 chunks
     ))
     c.data = multicrop_data("imagenet2012", 224, common.IMAGENET_TRAIN_EXAMPLES, num_local=8, local_size=96)
-    c.batch_size = batch_size
-    c.total_epochs = float(epochs)
-    c.total_steps = config_dict.placeholder(int)
-    c.warmup_epochs = 10.0
-    c.warmup_steps = config_dict.placeholder(int)
+    common.add_duration_fields(c, batch_size=batch_size, epochs=epochs, warmup_epochs=10)
     c.optim = ml_collections.ConfigDict(dict(
         base_lr=5e-4, warmup_lr=0.0, min_lr=DINO_MIN_LR, scale_min_lr=False, lr_batch_base=256,
         cosine_from_start=False,  # DINO's cosine_scheduler: the cosine starts at the peak after warm-up

@@ -15,7 +15,7 @@ Presets (``--config configs/moby_swin_tiny.py:<preset>``):
 Example::
 
     python train.py --config configs/moby_swin_tiny.py:smoke --workdir /tmp/moby_smoke
-    python train.py --config configs/moby_swin_tiny.py:paper300 --workdir gs://.../moby_swin_t \
+    python train.py --config configs/moby_swin_tiny.py:paper300 --workdir runs/moby_swin_t \
         --config.data.data_dir=/data/tfds --config.batch_size=1024
     # ImageNet as an image folder instead of TFDS:
     python train.py --config configs/moby_swin_tiny.py --config.data.name=image_folder \
