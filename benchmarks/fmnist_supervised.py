@@ -7,30 +7,25 @@ test: nothing asserts.
 
 The run: ``create_model`` from the MoBY ``fmnist30`` preset (swin_nano, patch 4, no drop path) with a 10-way head;
 on-device random-resized crops of the preset's scale range plus horizontal flips of the whole-image 32-px view;
-the preset's optimizer (``optim.make_optimizer``: AdamW, lr, warm-up, cosine, clip); batch 64; cross-entropy. Reported: test top-1 of
-the trained head, then k-NN and the EsViT-protocol linear probe on its frozen features (the ``fmnist.py`` columns).
+the preset's optimizer (``optim.make_optimizer``: AdamW, lr, warm-up, cosine, clip); batch 64; cross-entropy.
+Reported: test top-1 of the trained head, then k-NN and the EsViT-protocol linear probe on its frozen features
+(the ``fmnist.py`` columns).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=1 .venv/bin/python benchmarks/fmnist_supervised.py --steps 5500
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # before fmnist's 8-device default
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-
-def preset_config(preset: str):
-    spec = importlib.util.spec_from_file_location("moby_cfg", os.path.join(REPO, "configs", "moby_swin_tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+from fmnist import LINEAR_LRS, load_train_config  # noqa: E402  (the quality benchmark beside this file)
 
 
 def main(argv=None) -> int:
@@ -50,14 +45,13 @@ def main(argv=None) -> int:
     from swin_ssl.models import create_model
     from swin_ssl.train import optim
 
-    config = preset_config(args.preset)
+    config = load_train_config("moby", None, args.preset)
     steps = int(args.steps or config.total_steps)
     size, batch = int(config.data.image_size), int(config.batch_size)
     model = create_model(config.model.name, num_classes=10, drop_path_rate=0.0, **dict(config.model.overrides))
-    train_x = datasets.to_model_input(datasets.fashion_mnist_raw("train")[0], size)
-    train_y = datasets.fashion_mnist_raw("train")[1].astype(np.int32)
-    test_x = datasets.to_model_input(datasets.fashion_mnist_raw("test")[0], size)
-    test_y = datasets.fashion_mnist_raw("test")[1].astype(np.int32)
+    (train_images, train_y), (test_images, test_y) = (datasets.fashion_mnist_raw(split) for split in ("train", "test"))
+    train_x, train_y = datasets.to_model_input(train_images, size), train_y.astype(np.int32)
+    test_x, test_y = datasets.to_model_input(test_images, size), test_y.astype(np.int32)
 
     tx = optim.make_optimizer(config.optim, total_steps=steps, warmup_steps=int(config.warmup_steps),
                               global_batch=batch).tx  # the MoBY preset's AdamW, schedule, clip and decay mask
@@ -97,7 +91,7 @@ def main(argv=None) -> int:
     backbone_params = {k: v for k, v in params.items() if k != "head"}
     fs = compare.backbone_set(row["method"], backbone, backbone_params, compare.fmnist_config(size))
     m = compare.knn_metrics(fs, ks=(1, 20))
-    lm = compare.linear_metrics(fs, "esvit", epochs=args.linear_epochs, lrs=(1e-3, 1e-2, 1e-1, 1.0, 10.0))
+    lm = compare.linear_metrics(fs, "esvit", epochs=args.linear_epochs, lrs=LINEAR_LRS["esvit"])
     row.update({"k-NN k=1": m["knn/top1_k1"], "k-NN k=20": m["knn/top1_k20"], "linear esvit": lm["linear_esvit/top1"]})
     print(compare.format_table([row]))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
