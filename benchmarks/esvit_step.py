@@ -55,7 +55,7 @@ def build_config(args):
     c.dino.out_dim = args.out_dim
     c.dino.region_chunk_size = args.chunk
     if args.remat:
-        c.model.overrides["remat"] = True
+        c.model.remat = True
     return c
 
 
@@ -113,7 +113,7 @@ def bench_step(args):
 
 def analyze_step(args, batch: int):
     """Compile (never run) the full step at ``batch`` from shapes only and print its memory analysis, without and
-    with block rematerialisation (``model.overrides.remat``), and the ratio of their temporaries."""
+    with block rematerialisation (``model.remat``), and the ratio of their temporaries."""
     temps = {}
     for remat in (False, True):
         temps[remat] = analyze_one(argparse.Namespace(**{**vars(args), "remat": remat}), batch)

@@ -18,7 +18,7 @@ test accuracy over epochs and lrs, as the papers report -- optimistic; the augme
 one and is not run here for time), and wall-clock seconds per stage. A benchmark, not a test: nothing asserts.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 .venv/bin/python benchmarks/fmnist.py --workdir runs/fmnist_bench
-    ... --objectives moby --knn_every 1000     # MoBY only, with the in-training k-NN learning curve (README run)
+    ... --objectives moby --knn_every 1100     # MoBY only, with the in-training k-NN learning curve (README run)
     ... --objectives moby --steps 200 --linear_epochs 30 --train_examples 20000    # quicker
     ... --skip_pretrain      # evaluate the checkpoints already in --workdir/{moby,esvit}
     ... --set optim.base_lr=0.004     # any training-config field

@@ -8,6 +8,7 @@ A training config has this schema (every recipe fills all of it; ``lock_config=T
     model.name             a ``swin_ssl.models.create_model`` name
     model.drop_path_rate   online/student stochastic depth;  model.target_drop_path_rate: target/teacher
     model.dtype            "float32" | "bfloat16" (matmuls; params, LN/BN, softmax and the loss stay fp32)
+    model.remat            rematerialise each block in the backward pass (less activation memory, same results)
     model.overrides        extra create_model fields (e.g. window_size, norm_eps); {} for the MoBY recipes
     moby.*                 queue_size, temperature, momentum (start of the cosine 0.99 -> 1), proj_dim,
                            proj_hidden_dim, pred_hidden_dim, proj_layers, pred_layers
@@ -61,7 +62,7 @@ def moby_config(model: str, *, epochs: int = 300, batch_size: int = 512) -> ml_c
     c.objective = "moby"
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(name=model, drop_path_rate=0.2, target_drop_path_rate=0.0,
-                                             dtype="float32", overrides={}))
+                                             dtype="float32", remat=False, overrides={}))
     c.moby = ml_collections.ConfigDict(dict(queue_size=4096, temperature=0.2, momentum=0.99, proj_dim=256,
                                             proj_hidden_dim=4096, pred_hidden_dim=4096, proj_layers=2,
                                             pred_layers=2))

@@ -75,7 +75,7 @@ def esvit_config(model: str, *, objective: str = "esvit", epochs: int = 300, bat
     if window is not None:
         overrides["window_size"] = window
     c.model = ml_collections.ConfigDict(dict(name=model, drop_path_rate=drop_path, target_drop_path_rate=0.0,
-                                             dtype="float32", overrides=overrides))
+                                             dtype="float32", remat=False, overrides=overrides))
     c.dino = ml_collections.ConfigDict(dict(
         out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3, norm_last_layer=norm_last_layer,
         region=objective == "esvit", view_weight=0.5, region_weight=0.5,

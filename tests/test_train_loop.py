@@ -16,6 +16,7 @@ sys.path.insert(0, ROOT)
 from configs import moby_deit_small, moby_swin_tiny  # noqa: E402
 from swin_ssl import checkpoint  # noqa: E402
 from swin_ssl.train import loop  # noqa: E402
+from swin_ssl.train import validate as validate_lib  # noqa: E402
 
 
 def smoke_config(**overrides):
@@ -113,12 +114,12 @@ def test_bad_configs_fail_before_compiling(overrides, key, tmp_path, monkeypatch
     assert key in message and "\n" not in message, message
 
 
-def _parse_flags(*args):
+def _parse_flags(*args, config_file="moby_swin_tiny.py:smoke"):
     """train.py's flag definition (config_flags, lock_config=True) on a private FlagValues."""
     from absl import flags
     from ml_collections import config_flags
     values = flags.FlagValues()
-    argv = ["train.py", "--config", f"{ROOT}/configs/moby_swin_tiny.py:smoke", *args]
+    argv = ["train.py", "--config", f"{ROOT}/configs/{config_file}", *args]
     config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
     values(argv)
     return values.config
@@ -131,6 +132,19 @@ def test_config_flags_override_and_reject_misspelt_keys():
         _parse_flags("--config.batch_sise=8")
     with open(os.path.join(ROOT, "train.py")) as f:  # train.py defines its flag exactly like this
         assert 'config_flags.DEFINE_config_file("config", None, "Training config file[:preset].", lock_config=True)' in f.read()
+
+
+@pytest.mark.parametrize("config_file", ["moby_swin_tiny.py:smoke", "esvit_swin_tiny.py:smoke"])
+def test_remat_flag_reaches_every_backbone(config_file):
+    """``--config.model.remat=True`` (the README's memory option) parses on the locked config and builds
+    rematerialised online/target (student/teacher) backbones; the default builds plain ones."""
+    from swin_ssl.objectives import dino, moby
+    build = moby.build_networks if config_file.startswith("moby") else dino.build_networks
+    for flag, expected in (([], False), (["--config.model.remat=True"], True)):
+        config = _parse_flags(*flag, config_file=config_file)
+        validate_lib.validate(config, device_count=8)
+        backbones = build(config)[:2]
+        assert [b.remat for b in backbones] == [expected, expected]
 
 
 def test_synthetic_shards_make_up_the_global_batch():

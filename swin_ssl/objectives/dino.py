@@ -231,7 +231,8 @@ def build_networks(config: ml_collections.ConfigDict):
     ``head`` and ``head_dense`` (EsViT's region head) are the same module definition with separate parameters.
     """
     m, d = config.model, config.dino
-    common = dict(num_classes=0, dtype=_dtype(m.dtype), **dict(m.get("overrides", {}) or {}))
+    common = dict(num_classes=0, dtype=_dtype(m.dtype), remat=bool(m.get("remat", False)),
+                  **dict(m.get("overrides", {}) or {}))
     student = create_model(m.name, drop_path_rate=float(m.drop_path_rate), **common)
     teacher = create_model(m.name, drop_path_rate=float(m.target_drop_path_rate), **common)
     head = DINOHead(out_dim=int(d.out_dim), hidden_dim=int(d.hidden_dim), bottleneck_dim=int(d.bottleneck_dim),

@@ -124,7 +124,7 @@ def build_networks(config: ml_collections.ConfigDict, axis_name: str | None = No
     m, mb = config.model, config.moby
     # img_size decides Swin's per-stage windows/shifts (and ViT's position-embedding grid).
     common = dict(num_classes=0, dtype=_dtype(m.dtype), img_size=int(config.data.image_size),
-                  **dict(m.get("overrides") or {}))
+                  remat=bool(m.get("remat", False)), **dict(m.get("overrides") or {}))
     online = create_model(m.name, drop_path_rate=m.drop_path_rate, **common)
     target = create_model(m.name, drop_path_rate=m.target_drop_path_rate, **common)
     heads = dict(axis_name=axis_name, dtype=_dtype(m.dtype))

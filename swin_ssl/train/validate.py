@@ -23,7 +23,7 @@ SCHEMA = {
          "warmup_steps", "optim", "parallelism", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
          "async_checkpointing", "stop_after_steps", "on_nonfinite", "max_skipped_steps", "evals", "distributed",
          "moby", "dino"),
-    "model": ("name", "drop_path_rate", "target_drop_path_rate", "dtype", "overrides"),
+    "model": ("name", "drop_path_rate", "target_drop_path_rate", "dtype", "remat", "overrides"),
     "moby": ("queue_size", "temperature", "momentum", "proj_dim", "proj_hidden_dim", "pred_hidden_dim",
              "proj_layers", "pred_layers"),
     "dino": ("out_dim", "hidden_dim", "bottleneck_dim", "num_layers", "norm_last_layer", "region", "view_weight",
