@@ -11,3 +11,16 @@ os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The suite is written for 8 simulated CPU devices, also on a machine that has a GPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def fmnist_stub_dir(tmp_path):
+    """A directory holding the four Fashion-MNIST file names (empty): enough for config validation, which checks
+    that the files are there, so the Fashion-MNIST presets validate whether or not the data set is installed."""
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / name).touch()
+    return str(tmp_path)

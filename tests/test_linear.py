@@ -106,24 +106,67 @@ def test_random_resized_crop_identity_and_flip():
     out = linear.random_resized_crop_flip(images, jax.random.PRNGKey(0), scale=(1.0, 1.0), ratio=(1.0, 1.0))
     for a, o in zip(np.asarray(images), np.asarray(out)):
         assert np.allclose(o, a, atol=1e-5) or np.allclose(o, a[:, ::-1], atol=1e-5)
-    crops = linear.random_resized_crop_flip(images, jax.random.PRNGKey(1), scale=(0.1, 0.3))
-    assert crops.shape == images.shape and bool(jnp.all(jnp.isfinite(crops)))
+    flipped = [np.allclose(o, a[:, ::-1], atol=1e-5) and not np.allclose(o, a, atol=1e-5)
+               for a, o in zip(np.asarray(images), np.asarray(out))]
+    assert any(flipped) and not all(flipped)
+
+
+def test_random_resized_crop_box_within_scale_and_ratio():
+    """On ramp images (channel 0 = x, channel 1 = y) a bilinear crop-and-resize is again a ramp whose slope is the
+    crop size over the image size (negative when flipped): the recovered boxes obey the area and aspect bounds."""
+    n, size = 16, 32
+    yy, xx = np.meshgrid(np.arange(size, dtype=np.float32), np.arange(size, dtype=np.float32), indexing="ij")
+    ramp = np.stack([xx, yy, np.zeros_like(xx)], -1)
+    crops = np.asarray(linear.random_resized_crop_flip(jnp.asarray(np.repeat(ramp[None], n, 0)),
+                                                       jax.random.PRNGKey(1), scale=(0.1, 0.3)))
+    assert crops.shape == (n, size, size, 3)
+    inner = slice(8, 24)  # away from the borders, where the kernel is clipped
+    slope_x = np.median(np.diff(crops[:, inner, inner, 0], axis=2), axis=(1, 2))
+    slope_y = np.median(np.diff(crops[:, inner, inner, 1], axis=1), axis=(1, 2))
+    assert (slope_y > 0).all() and (slope_x > 0).any() and (slope_x < 0).any()  # vertical never, horizontal some
+    width, height = np.abs(slope_x) * size, slope_y * size
+    area = width * height / size ** 2
+    assert ((area > 0.1 - 0.01) & (area < 0.3 + 0.01)).all(), area
+    assert ((width / height > 3 / 4 - 0.02) & (width / height < 4 / 3 + 0.02)).all(), width / height
+    assert area.max() - area.min() > 0.05  # sampled, not fixed
 
 
 def test_augmented_probe_on_swin_runs_backbone_in_train_mode():
-    """The faithful (augmenting) path: swin_test with stochastic depth active (MoBY), two lrs, padded batches."""
+    """The faithful (augmenting) path: swin_test with stochastic depth active (MoBY), two lrs, padded batches.
+
+    Train-mode features depend on the dropout rng (drop path on) while eval-mode ones do not; the probe feeds
+    every step an rng; and on images whose class is a colour offset it learns well above chance."""
     from swin_ssl.models import create_model
 
     rng = np.random.default_rng(4)
     model = create_model("swin_test", drop_path_rate=0.2)
-    x = rng.normal(size=(40, 32, 32, 3)).astype(np.float32)
-    y = rng.integers(0, 3, 40).astype(np.int32)
+
+    def images(labels):  # class c: channel c raised by 2 over noise, visible in any crop
+        x = 0.3 * rng.normal(size=(len(labels), 32, 32, 3))
+        x[np.arange(len(labels)), :, :, labels] += 2.0
+        return x.astype(np.float32)
+
+    y, test_y = rng.integers(0, 3, 40).astype(np.int32), rng.integers(0, 3, 30).astype(np.int32)
+    x = images(y)
     params = jax.jit(model.init)({"params": jax.random.PRNGKey(0)}, x[:1])["params"]
-    test_x, test_y = rng.normal(size=(20, model.num_features)).astype(np.float32), y[:20]  # stand-in test features
-    cfg = linear.protocol_defaults("moby")
-    cfg.update(epochs=2, batch_size=16, warmup_epochs=1.0)
     train_fn = common.make_feature_fn(model, "pooled", train=True)
-    metrics = linear.train_augmented(train_fn, params, lambda e: common.padded_batches({"image": x, "label": y}, 16),
-                                     test_x, test_y, cfg, num_classes=3, num_train=40, lrs=[1.0, 0.1])
-    assert {"linear/lr1/top1", "linear/lr0.1/top1", "linear/top1"} <= set(metrics)
-    assert 0.0 <= metrics["linear/top1"] <= 100.0
+    eval_fn = common.make_feature_fn(model, "pooled")
+    k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    assert not np.allclose(train_fn(params, x[:4], k1), train_fn(params, x[:4], k2))
+    np.testing.assert_array_equal(train_fn(params, x[:4], k1), train_fn(params, x[:4], k1))
+    np.testing.assert_array_equal(eval_fn(params, x[:4], k1), eval_fn(params, x[:4], k2))
+
+    rngs_seen = []
+
+    def spy(p, imgs, drop_rng):
+        rngs_seen.append(drop_rng)
+        return train_fn(p, imgs, drop_rng)
+
+    test_x = np.asarray(eval_fn(params, images(test_y)))
+    cfg = linear.protocol_defaults("moby")
+    cfg.update(epochs=8, batch_size=16, warmup_epochs=1.0)
+    metrics = linear.train_augmented(spy, params, lambda e: common.padded_batches({"image": x, "label": y}, 16),
+                                     test_x, test_y, cfg, num_classes=3, num_train=40, lrs=[16.0, 1.0])
+    assert rngs_seen and all(r is not None for r in rngs_seen)
+    assert {"linear/lr16/top1", "linear/lr1/top1", "linear/top1"} <= set(metrics)
+    assert metrics["linear/top1"] >= 80.0, metrics  # chance: ~33 %
