@@ -207,8 +207,9 @@ def np_softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-def np_vit(sd, x, heads, eps=1e-6):
-    """Official/timm ViT forward from the torch-layout state dict (NCHW input)."""
+def np_vit(sd, x, heads, eps=1e-6, last_cls_attention=False):
+    """Official/timm ViT forward from the torch-layout state dict (NCHW input): the logits, or with
+    ``last_cls_attention`` the last block's attention from CLS to the patch tokens [B, heads, N]."""
     sd = {k: v.astype(np.float64) for k, v in sd.items()}
     b, _, hh, ww = x.shape
     w = sd["patch_embed.proj.weight"]
@@ -223,6 +224,8 @@ def np_vit(sd, x, heads, eps=1e-6):
         qkv = h @ g("attn.qkv.weight").T + g("attn.qkv.bias")
         qkv = qkv.reshape(b, -1, 3, heads, d // heads).transpose(2, 0, 3, 1, 4)
         att = np_softmax(qkv[0] * (d // heads) ** -0.5 @ qkv[1].transpose(0, 1, 3, 2))
+        if last_cls_attention and f"blocks.{i + 1}.norm1.weight" not in sd:
+            return att[:, :, 0, 1:]
         o = (att @ qkv[2]).transpose(0, 2, 1, 3).reshape(b, -1, d)
         t = t + o @ g("attn.proj.weight").T + g("attn.proj.bias")
         h = np_layernorm(t, g("norm2.weight"), g("norm2.bias"), eps)

@@ -5,11 +5,11 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from scipy.special import erf
 
 from swin_ssl import convert as C
 from swin_ssl import visualize as V
 from swin_ssl.models import create_model
+from test_convert import np_vit
 
 
 @pytest.fixture(scope="module")
@@ -51,46 +51,15 @@ def test_attention_cli_vit_random_init(tmp_path, image_path):
     assert_not_blank(out)
 
 
-def _np_layernorm(x, scale, bias, eps=1e-6):
-    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * scale + bias
-
-
-def _np_vit_cls_attention(params, images, patch, heads):
-    """softmax(q_cls k^T / sqrt(head_dim)) of the last block, by a float64 NumPy ViT forward of the Flax params."""
-    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
-    b, h, w, _ = images.shape
-    patches = images.reshape(b, h // patch, patch, w // patch, patch, 3).transpose(0, 1, 3, 2, 4, 5)
-    kernel = p["patch_embed"]["proj"]["kernel"]  # [p, p, 3, D]
-    d = kernel.shape[-1]
-    t = patches.reshape(b, -1, patch * patch * 3) @ kernel.reshape(-1, d) + p["patch_embed"]["proj"]["bias"]
-    t = np.concatenate([np.broadcast_to(p["cls_token"], (b, 1, d)), t], 1) + p["pos_embed"]
-    depth = sum(k.startswith("blocks_") for k in p)
-    hd = d // heads
-    for i in range(depth):
-        blk = p[f"blocks_{i}"]
-        x = _np_layernorm(t, blk["norm1"]["scale"], blk["norm1"]["bias"])
-        qkv = (x @ blk["attn"]["qkv"]["kernel"] + blk["attn"]["qkv"]["bias"]).reshape(b, -1, 3, heads, hd)
-        q, k, v = (qkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3))
-        logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)
-        att = np.exp(logits - logits.max(-1, keepdims=True))
-        att /= att.sum(-1, keepdims=True)
-        if i == depth - 1:
-            return att[:, :, 0, 1:].reshape(b, heads, h // patch, w // patch)
-        t = t + (att @ v).transpose(0, 2, 1, 3).reshape(b, -1, d) @ blk["attn"]["proj"]["kernel"] + blk["attn"]["proj"]["bias"]
-        x = _np_layernorm(t, blk["norm2"]["scale"], blk["norm2"]["bias"])
-        hidden = x @ blk["mlp"]["fc1"]["kernel"] + blk["mlp"]["fc1"]["bias"]
-        hidden = 0.5 * hidden * (1 + erf(hidden / np.sqrt(2)))  # exact GELU
-        t = t + hidden @ blk["mlp"]["fc2"]["kernel"] + blk["mlp"]["fc2"]["bias"]
-
-
 def test_vit_cls_attention_is_the_softmax_row(vit_ckpt, image_path):
     module, variables = C.load_backbone(vit_ckpt)
     view = V.center_view(V.load_image(image_path), (32, 32))
     maps = V.vit_cls_attention(module, variables, view[None])
     assert maps.shape == (1, 2, 8, 8)
-    expected = _np_vit_cls_attention(variables["params"], V.normalize(view[None]).astype(np.float64),
-                                     module.patch_size, module.num_heads)
-    np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-6)
+    # A float64 NumPy ViT forward of the same weights in the official layout (test_convert's reference).
+    expected = np_vit(C.export_slot(variables, module=module), V.normalize(view[None]).transpose(0, 3, 1, 2),
+                      module.num_heads, last_cls_attention=True)
+    np.testing.assert_allclose(maps, expected.reshape(maps.shape), rtol=1e-4, atol=1e-6)
     total = maps.sum((-1, -2))  # CLS -> patches; the rest of the row is CLS -> CLS
     assert (total > 0.1).all() and (total < 1).all()
 
