@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 
 import numpy as np
@@ -22,6 +23,7 @@ from swin_ssl import checkpoint
 from swin_ssl import data
 from swin_ssl.data import augment as aug
 from swin_ssl.data import pipeline, sources
+from test_convert import Evil, FakeCfgNode, moby_mlp, official_swin, to_torch
 from test_reliability import ROOT, _assert_trees_identical, _finish, _steps, _train_py
 
 try:
@@ -220,7 +222,7 @@ def test_read_errors_are_retried_then_stop_never_skipped(tmp_path, monkeypatch, 
 
 # ------------------------------------------------------------------------------------ a training run over it
 FOLDER_FLAGS = ["--config.data.name=image_folder", "--config.data.num_train_examples=15",
-                "--config.data.max_skip_fraction=0.5"]
+                "--config.data.max_skip_fraction=0.5", "--config.async_checkpointing=False"]
 
 
 def test_training_over_a_hostile_folder_finishes_names_each_bad_file_once_and_resumes_exactly(hostile, tmp_path):
@@ -231,6 +233,7 @@ def test_training_over_a_hostile_folder_finishes_names_each_bad_file_once_and_re
     rc, log = _finish(_train_py(straight, config, *flags), timeout=900)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child so far: this run's bound
     assert rc == 0, log[-3000:]
+    print(f"peak RSS of the training run: {peak / GiB:.2f} GiB")
     assert peak < 4 * GiB, f"peak RSS {peak / GiB:.2f} GiB"
     for path in files["bad"] + [files["fifo"]]:
         assert log.count(path) == 1, (path, [line for line in log.splitlines() if path in line])
@@ -247,3 +250,96 @@ def test_training_over_a_hostile_folder_finishes_names_each_bad_file_once_and_re
     got, got_meta = checkpoint.restore_raw(str(killed))
     assert want_meta["step"] == got_meta["step"] == 6
     _assert_trees_identical(got, want, "state after kill + resume over the hostile folder")
+
+
+# ------------------------------------------------------------------------------------------- crafted checkpoints
+class Harmless:
+    """A pickled object of a class nobody blocks: kept as inert data on its own."""
+
+
+def _convert(*args: str) -> tuple[int, str, int]:
+    """`python -m swin_ssl.convert ARGS` -> (exit code, stderr, peak RSS of that process in bytes)."""
+    err = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "swin_ssl.convert", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=err, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err.seek(0)
+    return proc.returncode, err.read(), usage.ru_maxrss * 1024
+
+
+def _backbone(rng):
+    return to_torch(official_swin(rng))
+
+
+def _moby(rng, **changes):
+    model = {}
+    model.update({"encoder." + k: v for k, v in official_swin(rng).items()})
+    model.update({"encoder_k." + k: v for k, v in official_swin(rng).items()})
+    for prefix, d_in in (("projector.", 32), ("projector_k.", 32), ("predictor.", 8)):
+        model.update(moby_mlp(rng, prefix, d_in, 24, 8))
+    model.update({"queue1": _rand(rng, 8, 40), "queue2": _rand(rng, 8, 40), "queue_ptr": np.array([16], np.int64)})
+    return {"model": {**to_torch(model), **changes}, "config": FakeCfgNode(MODEL=FakeCfgNode(TYPE="moby"))}
+
+
+def _rand(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+CRAFTED = {  # name -> (checkpoint maker, extra import flags, what the error line must say)
+    "bf16_expanded": (lambda rng: {"model": {**_backbone(rng), "head.weight": torch.zeros(
+        (), dtype=torch.bfloat16).expand(1 << 18, 1 << 18)}}, [], "'model.head.weight' of shape [262144, 262144]"),
+    "fp8": (lambda rng: {"model": {**_backbone(rng), "norm.weight": torch.zeros(32, dtype=torch.float8_e4m3fn)}},
+            [], "'model.norm.weight' has dtype float8_e4m3fn"),
+    "sparse": (lambda rng: {"model": {**_backbone(rng), "norm.weight": torch.ones(32).to_sparse()}},
+               [], "'model.norm.weight' is torch.sparse_coo"),
+    "empty_queue_ptr": (lambda rng: _moby(rng, queue_ptr=torch.zeros(0, dtype=torch.int64)), [], "queue_ptr"),
+    "huge_classifier": (lambda rng: {"model": {**_backbone(rng), "head.weight": torch.zeros(1 << 31, 0)}},
+                        ["--non-strict"], "inferred from 'head.weight' [2147483648,0]"),
+    "huge_moby_head": (lambda rng: _moby(rng, **{"projector.linear_out.weight": torch.zeros(1 << 31, 0)}),
+                       ["--non-strict"], "projector head inferred from the tensors under 'projector.'"),
+}
+
+
+@needs_torch
+@pytest.mark.parametrize("name", sorted(CRAFTED))
+def test_crafted_checkpoints_give_one_error_line_without_allocating(name, tmp_path):
+    make, flags, says = CRAFTED[name]
+    path = str(tmp_path / f"{name}.pth")
+    torch.save(make(np.random.default_rng(0)), path)
+    commands = [["import", path, "--model", "swin_test", "--out", str(tmp_path / "out.msgpack"), *flags]]
+    if name in ("bf16_expanded", "fp8", "sparse"):
+        commands.append(["inspect", path])
+    for command in commands:
+        rc, err, peak = _convert(*command)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert rc == 1 and len(errors) == 1 and "Traceback" not in err, (command[0], err[-2000:])
+        assert path in errors[0] and says in errors[0], errors[0]
+        assert peak < 1.5 * GiB, f"{command[0]}: peak RSS {peak / GiB:.2f} GiB"
+    assert not os.path.exists(tmp_path / "out.msgpack")
+
+
+@needs_torch
+def test_torchscript_and_a_late_os_system_are_refused_and_nothing_runs(tmp_path, monkeypatch):
+    mark = tmp_path / "pwned"
+    monkeypatch.setenv("SWIN_SSL_EVIL_MARK", str(mark))
+    scripted = str(tmp_path / "scripted.pth")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
+    late = str(tmp_path / "late.pth")  # weights_only stops at Harmless; the fallback must still see os.system
+    torch.save({"model": _backbone(np.random.default_rng(0)), "config": Harmless(), "evil": Evil()}, late)
+    for path, says in ((scripted, "TorchScript archive"), (late, "blocked global posix.system")):
+        for command in (["import", path, "--model", "swin_test", "--out", str(tmp_path / "o.msgpack")],
+                        ["inspect", path]):
+            rc, err, _ = _convert(*command)
+            errors = [line for line in err.splitlines() if line.startswith("error:")]
+            assert rc == 1 and len(errors) == 1 and path in errors[0] and says in errors[0], err[-2000:]
+    assert not mark.exists() and not os.path.exists(tmp_path / "o.msgpack")
+
+
+@pytest.mark.parametrize("option,value,rule", [("--window-size", "0", ">= 1"), ("--num-classes", "-1", ">= 0"),
+                                               ("--img-size", "0", ">= 1"), ("--norm-eps", "nan", "positive")])
+def test_numeric_options_are_validated(option, value, rule, tmp_path):
+    rc, err, _ = _convert("import", str(tmp_path / "x.pth"), "--model", "swin_test", "--out", str(tmp_path / "o"),
+                          option, value)
+    errors = [line for line in err.splitlines() if line.startswith("error:") or ": error:" in line]
+    assert rc == 2 and len(errors) == 1 and option in errors[0] and rule in errors[0] and "Traceback" not in err, err

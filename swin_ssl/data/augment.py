@@ -33,7 +33,10 @@ header (`tf.image.extract_jpeg_shape`) and only the union of the windows (plus a
 libjpeg's chroma upsampling at the crop edge never reaches a view: the views equal those of a full
 decode, bit for bit) is decoded with the fused `tf.io.decode_and_crop_jpeg`. Anything else (PNG named .JPEG, GIF, BMP, and 16-bit PNG) goes through
 `tf.io.decode_image(channels=3, expand_animations=False)`. Both paths give RGB for grey and CMYK input.
-Corrupt data raises an op error; the pipeline drops such examples and names them (see `pipeline.py`).
+Before either, `check_budget` reads the image size from the header (`header_shape`: JPEG, PNG, GIF, BMP, WebP)
+and refuses files over `max_bytes` or images over `max_pixels` (default: PIL's decompression-bomb limit), so a
+small file declaring a huge image is never decoded. Corrupt, unknown or over-budget data raises
+InvalidArgumentError; the pipeline replaces such examples and names them (see `pipeline.py`).
 """
 from __future__ import annotations
 

@@ -41,6 +41,10 @@ shuffle_buffer         TFDS only (folders and Fashion-MNIST are fully permuted e
 num_parallel_calls     -1 = AUTOTUNE
 threads                tf.data private thread pool size; 0 = TF's shared pool
 prefetch               host batches prefetched (2)
+max_image_pixels       pixel budget, read from the header before decoding (89_478_485: PIL's bomb limit)
+max_image_bytes        byte budget per file (64 MiB); local folders leave bigger files out at listing time
+max_skip_fraction      the run stops when more of the examples read than this are unusable (0.01)
+read_retries           a read error is retried this many times (after 1, 2, 4, ... s), then raises OSError (3)
 =====================  ====================================================================================
 
 Determinism and resuming. Host `h` owns a fixed slice of the split and walks an infinite stream of
@@ -50,17 +54,25 @@ is a permutation seeded by `(seed, h, e)`, and its augmentations use the statele
 stream at position s*B and a resumed run reproduces the batches of an uninterrupted one, bit for bit
 (folders and Fashion-MNIST: O(1), via `index_shuffle`; TFDS: epoch e is re-shuffled with its seed and
 `(s*B) mod n` records are read and dropped, undecoded). Resuming with another batch size or host count
-gives a different, equally valid, stream. Undecodable files are dropped from the stream (see below); each
-one dropped before the resume point shifts the resumed stream by one example.
+gives a different, equally valid, stream. Undecodable files do not shift the stream (see below).
 
-Broken files. A corrupt or truncated image raises inside the decode map; `ignore_errors` drops it, and the
-Python iterator sees the gap in the positions it carries, logs a warning naming the file and counts it
-(`iterator.num_skipped`, `iterator.skipped`). At construction the first examples are decoded once: if none
-of them decodes the pipeline fails at once instead of silently skipping everything.
+Bad files. A file that fails to decode (corrupt, truncated, not an image, over a budget) raises inside the
+per-example decode; that example, and only its decode, is caught: the position gets the first of a few
+stand-in examples (the first decodable ones of the shard, found at construction) instead, decoded with the
+position's seed and marked `_skipped`. Positions never move, so batches are the same whether a run is straight
+or resumed. The Python iterator names each bad file once with the reason (`iterator.skipped`,
+`iterator.num_skipped`) and raises when they exceed `max_skip_fraction` of the examples read. At construction
+the first examples are decoded once: if none of them decodes the pipeline fails at once.
+
+Read errors (anything raised outside the per-example decode: a vanished file, an NFS or object-store failure)
+are never skipped: the stream is rebuilt at the failing batch after a backoff, `read_retries` times, then
+`next()` raises OSError. `next()` therefore blocks while a read is outstanding or a retry waits. Folder listings
+keep regular files within the byte budget only (a FIFO named `.JPEG` would block a read forever).
 
 Evaluation visits every example of the split exactly once across hosts, in order, with the last batch of
 each host padded (`mask` False, image zeros, label -1); all hosts run the same number of batches,
-`ceil(max host count / batch_size_per_host)`, so collective eval steps never deadlock.
+`ceil(max host count / batch_size_per_host)`, so collective eval steps never deadlock. A bad file's example is
+masked out (`mask` False) and named.
 """
 from __future__ import annotations
 
