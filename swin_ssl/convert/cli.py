@@ -27,6 +27,24 @@ def _parse_bool(s: str):
     return {"auto": None, "true": True, "false": False}[s.lower()]
 
 
+def _int_at_least(low: int):
+    """argparse type: an integer >= `low` (argparse turns the ValueError into a usage error naming the option)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not an integer >= {low}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m swin_ssl.convert", description=convert.__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -35,12 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--model", required=True, help="create_model name, e.g. swin_tiny, deit_small")
     imp.add_argument("--out", required=True)
     imp.add_argument("--layout", default="auto", choices=["auto", "backbone", "moby", "esvit", "dino"])
-    imp.add_argument("--num-classes", type=int, default=None,
+    imp.add_argument("--num-classes", type=_int_at_least(0), default=None,
                      help="default: from head.weight (plain backbones), else 0; 0 drops a classifier")
-    imp.add_argument("--window-size", type=int, default=None, help="Swin window (tables are resized bicubically)")
-    imp.add_argument("--img-size", type=int, default=None,
+    imp.add_argument("--window-size", type=_int_at_least(1), default=None, help="Swin window (tables are resized bicubically)")
+    imp.add_argument("--img-size", type=_int_at_least(1), default=None,
                      help="configured resolution (ViT position embeddings are resized)")
-    imp.add_argument("--norm-eps", type=float, default=None, help="LayerNorm eps (default: model's; 1e-6 for esvit)")
+    imp.add_argument("--norm-eps", type=_positive_float, default=None, help="LayerNorm eps (default: model's; 1e-6 for esvit)")
     imp.add_argument("--norm-last-layer", default="auto", choices=["auto", "true", "false"],
                      help="DINO heads: fixed g=1 (auto: true iff every weight_g is 1)")
     imp.add_argument("--non-strict", action="store_true", help="load what matches, report the rest")
@@ -54,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="also write attn_mask buffers (official classification code)")
     exp.add_argument("--network", default="default", choices=["default", "online", "target"],
                      help="workdir: which backbone (default: the objective's evaluation choice)")
-    exp.add_argument("--step", type=int, default=None, help="workdir: checkpoint step (default: latest)")
+    exp.add_argument("--step", type=_int_at_least(0), default=None, help="workdir: checkpoint step (default: latest)")
     ins = sub.add_parser("inspect", help="summary of a .pth or a converted .msgpack")
     ins.add_argument("file")
     args = p.parse_args(argv)
@@ -88,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 layout, flat = detect_layout(read_pth(args.file))
                 print(f"layout {layout}: {len(flat)} tensors, {sum(v.size for v in flat.values()):,} values")
                 print(f"architecture: {guess_architecture(flat) or 'unknown'}")
-    except (ConversionError, ImportError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConversionError, ImportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)  # one line; a strict import's report follows, indented
         return 1
     return 0

@@ -27,8 +27,9 @@ conventional backbone: the MoBY online encoder (MoBY's linear protocol), the EsV
 from __future__ import annotations
 
 import json
-import os
 from typing import Mapping
+
+from swin_ssl import storage
 
 from swin_ssl.convert.errors import ConversionError
 from swin_ssl.convert.layouts import DEFAULT_BACKBONE, backbone_of
@@ -38,19 +39,18 @@ FORMAT = "swin_ssl.convert/1"
 
 
 def save_converted(converted: Mapping, path: str) -> None:
+    """Writes the converted file atomically (a reader sees the old file or the new one, never half of one)."""
     from flax import serialization
     payload = {**converted["variables"], "meta": json.dumps(converted["meta"])}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(serialization.msgpack_serialize(payload))
+    storage.atomic_write_bytes(path, serialization.msgpack_serialize(payload))
 
 
 def load_converted(path: str) -> dict:
     from flax import serialization
-    if not os.path.isfile(path):
+    p = storage.as_path(path)
+    if not p.is_file():
         raise FileNotFoundError(f"converted file not found: {path}")
-    with open(path, "rb") as f:
-        data = f.read()
+    data = p.read_bytes()
     try:
         variables = serialization.msgpack_restore(data)
         meta = json.loads(variables.pop("meta"))

@@ -62,7 +62,7 @@ def _load_slot(flat: Mapping, slot: Slot, abstract: Mapping, head_kwargs: Mappin
     for path, sds in traverse_util.flatten_dict(abstract).items():
         key, to_torch, from_torch = torch_key(slot.kind, head_kwargs, path, len(sds.shape))
         full = slot.prefix + key
-        want = to_torch(np.zeros(sds.shape, np.int8)).shape
+        want = to_torch(np.broadcast_to(np.int8(0), sds.shape)).shape  # a view: no allocation
         if full not in flat:
             report.missing.append(f"{full} {_shape(want)}")
             continue
@@ -98,7 +98,10 @@ def _import_obj_state(flat: Mapping, state_keys: Mapping, heads: Mapping, report
         consumed.add(key)
         arr = np.asarray(flat[key])
         if name == "queue_ptr":
-            out["ptr"] = np.asarray(arr.reshape(-1)[0], np.int32)
+            if arr.size != 1 or not np.issubdtype(arr.dtype, np.integer) or int(arr.reshape(-1)[0]) < 0:
+                report.mismatched.append(f"{key}: {_shape(arr.shape)} {arr.dtype} is not one non-negative integer")
+            else:
+                out["ptr"] = np.asarray(arr.reshape(-1)[0], np.int32)
             continue
         head, axis = expect.get(name, (None, 0))
         dim = heads[head]["kwargs"]["out_dim"] if head in heads else None
@@ -107,6 +110,21 @@ def _import_obj_state(flat: Mapping, state_keys: Mapping, heads: Mapping, report
             continue
         out[name] = np.ascontiguousarray(arr.T) if axis == 0 else arr.reshape(-1)
     return out
+
+
+def _count(tree) -> int:
+    import jax
+    return sum(int(np.prod(x.shape, dtype=np.int64)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _check_inferred_size(what: str, abstract, flat: Mapping, source: str) -> None:
+    """A module whose sizes were read off the file's tensor shapes cannot hold more values than the file: a crafted
+    shape (say [2**40, 0], which stores nothing) must not make the import allocate it."""
+    stored = sum(int(np.size(v)) for v in flat.values())
+    count = _count(abstract)
+    if count > stored:
+        raise ConversionError(f"{source}: {what} would have {count:,} parameters but the file holds only "
+                              f"{stored:,} values: its shapes are not those of a real checkpoint")
 
 
 def import_state(flat: Mapping[str, np.ndarray], model: str, layout: str = "backbone", *,
@@ -124,11 +142,16 @@ def import_state(flat: Mapping[str, np.ndarray], model: str, layout: str = "back
         model_kwargs.setdefault("norm_eps", 1e-6)  # EsViT's Swin uses LayerNorm eps 1e-6 (ref. T6)
     classifier = layout == "backbone" and np.ndim(flat.get("head.weight")) == 2
     drop_classifier = classifier and model_kwargs.get("num_classes") == 0  # asked for explicitly: drop head.*
+    inferred_classes = classifier and model_kwargs.get("num_classes") is None
     if model_kwargs.get("num_classes") is None:
         model_kwargs.pop("num_classes", None)
         if classifier:
             model_kwargs["num_classes"] = int(flat["head.weight"].shape[0])
     backbone = build_backbone(model, model_kwargs)
+    if inferred_classes:
+        head = {k: v for k, v in init_variables(backbone)["params"].items() if k == "head"}
+        _check_inferred_size(f"the classifier inferred from 'head.weight' {_shape(flat['head.weight'].shape)}", head,
+                             flat, source)
     slots, heads, state_keys = layout_slots(layout, flat, norm_last_layer)
     in_dims = {"projector": backbone.num_features, "head": backbone.num_features, "head_dense": backbone.num_features}
     if "projector" in heads:
@@ -138,6 +161,9 @@ def import_state(flat: Mapping[str, np.ndarray], model: str, layout: str = "back
         module = backbone if slot.kind == "backbone" else build_head(heads[slot.head])
         in_dim = None if slot.kind == "backbone" else in_dims[slot.head]
         abstract = init_variables(module, in_dim)
+        if slot.head:
+            _check_inferred_size(f"the {slot.head} head inferred from the tensors under {slot.prefix!r} "
+                                 f"({json.dumps(heads[slot.head]['kwargs'])})", abstract, flat, source)
         kwargs = heads[slot.head]["kwargs"] if slot.head else {}
         loaded = _load_slot(flat, slot, abstract, kwargs, report, consumed, resize)
         if not strict and len(loaded) < len(traverse_util.flatten_dict(abstract)):

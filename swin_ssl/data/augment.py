@@ -33,7 +33,10 @@ header (`tf.image.extract_jpeg_shape`) and only the union of the windows (plus a
 libjpeg's chroma upsampling at the crop edge never reaches a view: the views equal those of a full
 decode, bit for bit) is decoded with the fused `tf.io.decode_and_crop_jpeg`. Anything else (PNG named .JPEG, GIF, BMP, and 16-bit PNG) goes through
 `tf.io.decode_image(channels=3, expand_animations=False)`. Both paths give RGB for grey and CMYK input.
-Corrupt data raises an op error; the pipeline drops such examples and names them (see `pipeline.py`).
+Before either, `check_budget` reads the image size from the header (`header_shape`: JPEG, PNG, GIF, BMP, WebP)
+and refuses files over `max_bytes` or images over `max_pixels` (default: PIL's decompression-bomb limit), so a
+small file declaring a huge image is never decoded. Corrupt, unknown or over-budget data raises
+InvalidArgumentError; the pipeline replaces such examples and names them (see `pipeline.py`).
 """
 from __future__ import annotations
 
@@ -441,13 +444,75 @@ def photometric(image: tf.Tensor, params: dict[str, tf.Tensor], spec: ViewSpec,
 
 
 # ------------------------------------------------------------------------------------------------ decoding
+# PIL's `Image.MAX_IMAGE_PIXELS`: the size above which PIL treats a file as a decompression bomb.
+MAX_IMAGE_PIXELS = 89_478_485
+# A photo of MAX_IMAGE_PIXELS is ~30 MB as a JPEG; larger files are refused before they are read or decoded.
+MAX_IMAGE_BYTES = 64 * 2**20
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WebP")
+
+
 def is_jpeg(encoded: tf.Tensor) -> tf.Tensor:
     return tf.equal(tf.strings.substr(encoded, 0, 3), b"\xff\xd8\xff")
 
 
-def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
-    """Any image file -> uint8 [H, W, 3] (grey, CMYK, palette, RGBA, 16-bit and PNG-named-JPEG included)."""
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+_HEADER_BYTES = 32  # every header field `header_shape` reads lies within the first 32 bytes
+
+
+def _uint(head: tf.Tensor, offset: int, size: int, big_endian: bool = False) -> tf.Tensor:
+    """The unsigned integer of `size` bytes at `offset` of `head` as int64."""
+    raw = tf.io.decode_raw(tf.strings.substr(head, offset, size), tf.uint8)
+    weights = [256 ** (size - 1 - i if big_endian else i) for i in range(size)]
+    return tf.reduce_sum(tf.cast(raw, tf.int64) * tf.constant(weights, tf.int64))
+
+
+def header_shape(encoded: tf.Tensor) -> tf.Tensor:
+    """`[height, width]` (int64) read from the file header, without decoding; `[-1, -1]` for other formats.
+
+    JPEG (`tf.image.extract_jpeg_shape`), PNG (IHDR), GIF (logical screen), BMP (DIB header, negative height =
+    top-down) and WebP (VP8, VP8L and VP8X canvas): the formats `tf.io.decode_image` reads.
+    """
+    head = tf.strings.substr(encoded + b"\0" * _HEADER_BYTES, 0, _HEADER_BYTES)  # zero-padded: short files too
+    magic = lambda m, at=0: tf.equal(tf.strings.substr(head, at, len(m)), m)  # noqa: E731
+    u = functools.partial(_uint, head)
+    webp = magic(b"RIFF") & magic(b"WEBP", 8)
+    bmp_h = u(22, 4)
+    cases = [
+        (magic(b"\xff\xd8\xff"), lambda: tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64)),
+        (magic(b"\x89PNG\r\n\x1a\n") & magic(b"IHDR", 12), lambda: tf.stack([u(20, 4, True), u(16, 4, True)])),
+        (magic(b"GIF8"), lambda: tf.stack([u(8, 2), u(6, 2)])),
+        (magic(b"BM"), lambda: tf.stack([tf.where(bmp_h >= 2**31, 2**32 - bmp_h, bmp_h), u(18, 4)])),
+        (webp & magic(b"VP8X", 12), lambda: tf.stack([u(27, 3) + 1, u(24, 3) + 1])),
+        (webp & magic(b"VP8L", 12), lambda: tf.stack([(u(21, 4) // 2**14) % 2**14 + 1, u(21, 4) % 2**14 + 1])),
+        (webp & magic(b"VP8 ", 12), lambda: tf.stack([u(28, 2) % 2**14, u(26, 2) % 2**14])),
+    ]
+    return tf.case(cases, default=lambda: tf.constant([-1, -1], tf.int64), exclusive=False)
+
+
+def check_budget(encoded: tf.Tensor, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES
+                 ) -> tf.Tensor:
+    """`encoded`, once its size and header pixel count are within budget; else an InvalidArgumentError naming the rule.
+
+    Runs before any decode, so a decompression bomb (a small file declaring a huge image) costs a header read.
+    """
+    nbytes = tf.cast(tf.strings.length(encoded), tf.int64)
+    too_big = tf.debugging.Assert(nbytes <= max_bytes, [
+        f"file is over the byte budget of {max_bytes} bytes (data.max_image_bytes): bytes =", nbytes])
+    with tf.control_dependencies([too_big]):
+        shape = header_shape(encoded)
+    known = tf.debugging.Assert(tf.reduce_all(shape > 0), [
+        f"not an image: the header is none of {', '.join(IMAGE_FORMATS)} (or declares an empty image)"])
+    bomb = tf.debugging.Assert(shape[0] * shape[1] <= max_pixels, [
+        f"image is over the pixel budget of {max_pixels} pixels (data.max_image_pixels): height, width =", shape])
+    with tf.control_dependencies([known, bomb]):
+        return tf.identity(encoded)
+
+
+def decode_rgb(encoded: tf.Tensor, max_pixels: int = MAX_IMAGE_PIXELS, max_bytes: int = MAX_IMAGE_BYTES
+               ) -> tf.Tensor:
+    """Any image file -> uint8 [H, W, 3] (grey, CMYK, palette, RGBA, 16-bit and PNG-named-JPEG included), after
+    `check_budget`."""
+    image = tf.io.decode_image(check_budget(encoded, max_pixels, max_bytes), channels=3, expand_animations=False,
+                               dtype=tf.uint8)
     image.set_shape([None, None, 3])
     return image
 
@@ -462,17 +527,19 @@ def as_rgb(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(image, tf.uint8)
 
 
-def decode_region(image: tf.Tensor, sample_windows) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def decode_region(image: tf.Tensor, sample_windows, max_pixels: int = MAX_IMAGE_PIXELS,
+                  max_bytes: int = MAX_IMAGE_BYTES) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Decodes once what all views need. `sample_windows(height, width)` returns int32 [V, 4] windows.
 
     Returns `(region uint8 [h, w, 3], windows relative to the region [V, 4], image shape int32 [2])`. For
     a JPEG only the union of the windows is decoded (fused decode+crop); other inputs are decoded whole.
-    `image` is an encoded string or a uint8 array.
+    `image` is an encoded string (decoded only within `check_budget`) or a uint8 array.
     """
     if image.dtype != tf.string:
         image = as_rgb(image)
         shape = tf.shape(image)[:2]
         return image, sample_windows(shape[0], shape[1]), shape
+    image = check_budget(image, max_pixels, max_bytes)
 
     def jpeg():
         shape = tf.image.extract_jpeg_shape(image)[:2]
@@ -487,7 +554,7 @@ def decode_region(image: tf.Tensor, sample_windows) -> tuple[tf.Tensor, tf.Tenso
         return region, windows - offset[None], shape
 
     def other():
-        decoded = decode_rgb(image)
+        decoded = decode_rgb(image, max_pixels, max_bytes)
         shape = tf.shape(decoded)[:2]
         return decoded, sample_windows(shape[0], shape[1]), shape
 
@@ -504,14 +571,15 @@ def _used_ops(specs: Sequence[ViewSpec]) -> tuple[str, ...]:
     return tuple(op for op, p in probs.items() if any(p(s) > 0 for s in specs))
 
 
-def decode_for_views(image: tf.Tensor, seed: tf.Tensor, specs: Sequence[ViewSpec]
-                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Stage 1 (may fail on corrupt data): sample the crop windows and decode what they cover.
+def decode_for_views(image: tf.Tensor, seed: tf.Tensor, specs: Sequence[ViewSpec], max_pixels: int = MAX_IMAGE_PIXELS,
+                     max_bytes: int = MAX_IMAGE_BYTES) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Stage 1 (may fail on corrupt or over-budget data): sample the crop windows and decode what they cover.
 
     Returns `(region uint8 [h, w, 3], windows relative to the region int32 [V, 4], image shape [2])`.
     """
     window_seed = tf.random.experimental.stateless_fold_in(seed, 0)
-    return decode_region(image, lambda height, width: sample_crop_windows(window_seed, height, width, specs))
+    return decode_region(image, lambda height, width: sample_crop_windows(window_seed, height, width, specs),
+                         max_pixels, max_bytes)
 
 
 def views_from_region(region: tf.Tensor, windows: tf.Tensor, seed: tf.Tensor,

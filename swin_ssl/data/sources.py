@@ -18,15 +18,20 @@ Split names may carry an absolute slice, e.g. `"train[:1000]"` or `"validation[1
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
+import stat
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from swin_ssl import storage
 from swin_ssl.data import fashion_mnist
+from swin_ssl.data.augment import MAX_IMAGE_BYTES
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif")
 _SLICE = re.compile(r"^(?P<name>[^\[\]]+)(\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
 
@@ -82,6 +87,7 @@ class FolderSource:
     labels: np.ndarray  # int32 [n]
     host_counts: tuple[int, ...]
     class_names: tuple[str, ...]
+    left_out: tuple[str, ...] = ()  # entries of the whole split that are not readable image files, with the reason
     random_access: bool = True
 
     def __post_init__(self):
@@ -152,10 +158,48 @@ def _split_dir(root: str, split: str) -> str:
     return os.path.join(root, split)
 
 
-def list_folder(root: str, split: str) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
+def _unusable(entry: os.DirEntry, max_bytes: int) -> str | None:
+    """Why a local directory entry cannot be an image file, or None: it must be a regular file (a FIFO or a device
+    would block the reader forever) of at most `max_bytes`."""
+    try:
+        info = entry.stat()  # follows symlinks: a link to a regular file is fine
+    except OSError as e:
+        return f"cannot stat it ({e.strerror})"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_size > max_bytes:
+        return f"{info.st_size} bytes, over the byte budget of {max_bytes} (data.max_image_bytes)"
+    return None
+
+
+def _image_files(folder: str, max_bytes: int) -> tuple[list[str], list[str]]:
+    """Sorted image file names of one class folder, and the entries left out (with the reason).
+
+    Local folders are checked entry by entry; an object store (a URL) holds regular objects only, whose byte budget
+    is checked after the read instead.
+    """
+    if storage.is_remote(folder):
+        return sorted(f for f in tf.io.gfile.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)), []
+    keep, left_out = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            why = _unusable(entry, max_bytes)
+            if why:
+                left_out.append(f"{entry.path}: {why}")
+            else:
+                keep.append(entry.name)
+    return sorted(keep), sorted(left_out)
+
+
+def list_folder(root: str, split: str, max_bytes: int = MAX_IMAGE_BYTES
+                ) -> tuple[list[str], np.ndarray, tuple[str, ...], list[str]]:
     """Lists `<root>/<split>/<class>/*` images; class ids come from the sorted class folders of `train`.
 
     The ids are taken from `<root>/train` when it exists so that every split uses the same mapping.
+    Returns `(paths, labels, classes, left_out)`: `left_out` names the entries with an image extension that are
+    not regular files or are over `max_bytes` (they are never opened), each with the reason.
     Raises ValueError naming the path when the folder is missing or holds no images.
     """
     if not root:
@@ -171,23 +215,27 @@ def list_folder(root: str, split: str) -> tuple[list[str], np.ndarray, tuple[str
     if not classes:
         raise ValueError(f"data directory {class_root!r} has no class folders (expected <class>/<image> files)")
     class_id = {c: i for i, c in enumerate(classes)}
-    paths, labels = [], []
+    paths, labels, left_out = [], [], []
     for c in sorted(d.rstrip("/") for d in tf.io.gfile.listdir(split_dir)
                     if tf.io.gfile.isdir(os.path.join(split_dir, d))):
         if c not in class_id:
             raise ValueError(f"class folder {os.path.join(split_dir, c)!r} is not among the classes of {class_root!r}")
-        files = sorted(f for f in tf.io.gfile.listdir(os.path.join(split_dir, c))
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        files, bad = _image_files(os.path.join(split_dir, c), max_bytes)
         paths += [os.path.join(split_dir, c, f) for f in files]
         labels += [class_id[c]] * len(files)
+        left_out += bad
     if not paths:
-        raise ValueError(f"data directory {split_dir!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return paths, np.asarray(labels, np.int32), classes
+        raise ValueError(f"data directory {split_dir!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)})"
+                         + (f"; left out: {'; '.join(left_out[:5])}" if left_out else ""))
+    return paths, np.asarray(labels, np.int32), classes, left_out
 
 
-def folder_source(root: str, split: str, process_index: int, process_count: int) -> FolderSource:
+def folder_source(root: str, split: str, process_index: int, process_count: int,
+                  max_bytes: int = MAX_IMAGE_BYTES) -> FolderSource:
     name, sl = parse_split(split)
-    paths, labels, classes = list_folder(root, name)
+    paths, labels, classes, left_out = list_folder(root, name, max_bytes)
+    for entry in left_out:
+        log.warning("left out of %s/%s: %s", root, split, entry)
     indices = np.arange(len(paths))[sl]
     if len(indices) == 0:
         raise ValueError(f"split {split!r} of {root!r} is empty")
@@ -195,7 +243,7 @@ def folder_source(root: str, split: str, process_index: int, process_count: int)
     start, stop = host_range(len(indices), process_index, process_count)
     mine = indices[start:stop]
     return FolderSource(name=f"{root}/{split}", paths=np.asarray(paths, dtype=object)[mine], labels=labels[mine],
-                        host_counts=counts, class_names=classes)
+                        host_counts=counts, class_names=classes, left_out=tuple(left_out))
 
 
 def _count(builder, split, decoders) -> int:
@@ -241,7 +289,8 @@ def make_source(config: Any, split: str, process_index: int, process_count: int)
     if source == "fashion_mnist":
         return fashion_mnist_source(split, data_dir, process_index, process_count)
     if source == "folder":
-        return folder_source(data_dir, split, process_index, process_count)
+        return folder_source(data_dir, split, process_index, process_count,
+                             config.get("max_image_bytes") or MAX_IMAGE_BYTES)
     name = source[len("tfds:"):] if source.startswith("tfds:") else source
     return tfds_source(name, split, data_dir, config.get("manual_dir"), process_index, process_count,
                        config.get("image_key") or "image", config.get("label_key") or "label")
