@@ -10,6 +10,10 @@ Prints (one device, whatever JAX picks: CPU here, GPU/TPU when present):
      each ``--chunks`` value (0 = one shot, no chunking) at ``--batch`` and at ``--region_batch``
      (default 32, the paper's per-GPU batch; compiled only, never run): its temporary memory.
 
+With a Python that has torch + timm (``--torch-python``, default /work/torchref/bin/python), step 1 alternates
+rounds with an EsViT-shaped PyTorch step around timm's Swin-T (``benchmarks/torch_reference.py``) and prints
+the same-run ratio of the medians (swin_tiny, float32 only) with the load average.
+
 Examples::
 
     python benchmarks/esvit_step.py                                  # Swin-T, 2x224 + 8x96, batch 2, fp32, CPU
@@ -36,6 +40,7 @@ from swin_ssl.train import optim as optim_lib  # noqa: E402
 from swin_ssl.train import step as step_lib  # noqa: E402
 from swin_ssl.train.state import create_train_state  # noqa: E402
 from swin_ssl.train.validate import durations as durations_of  # noqa: E402
+from benchmarks.torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison  # noqa: E402
 
 MiB = 2 ** 20
 
@@ -94,18 +99,33 @@ def bench_step(args):
     print(f"  compile {compile_s:.1f}s; {memory_line(compiled)}")
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
-    times, cpu = [], []
-    for _ in range(args.steps):
-        t, c0 = time.time(), time.process_time()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.time() - t)
-        cpu.append(time.process_time() - c0)
+    compare = (args.torch_python and available(args.torch_python) and args.dtype == "float32"
+               and args.model == "swin_tiny")
+    reference = TorchReference(args.torch_python, "esvit", batch=args.batch, size=args.global_size,
+                               local_size=args.local_size, num_local=args.num_local,
+                               out_dim=args.out_dim) if compare else None
+    load0 = os.getloadavg()
+    times, cpu, ref = [], [], {"walls": [], "cpus": []}
+    for _ in range(args.rounds):
+        for _ in range(args.steps):
+            t, c0 = time.time(), time.process_time()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.time() - t)
+            cpu.append(time.process_time() - c0)
+        if reference:
+            for k, v in reference.run(args.steps).items():
+                ref[k] += v
     sec = float(np.median(times))
     crops = 2 + args.num_local
     print(f"  step {sec * 1000:.0f} ms wall (median of {len(times)}) -> {args.batch / sec:.2f} images/s "
           f"({args.batch * crops / sec:.1f} crops/s); {float(np.median(cpu)):.1f} CPU-s of this process per step "
           f"(host load matters on shared CPUs); loss {float(metrics['loss']):.4f}")
+    if reference:
+        reference.close()
+        print_comparison(f"swin_ssl (JAX {jax.__version__})", times, cpu,
+                         f"PyTorch EsViT-shaped step (torch {reference.info['torch']}, timm {reference.info['timm']})",
+                         ref, args.batch, load0)
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         print(f"  device peak bytes in use {stats['peak_bytes_in_use'] / MiB:.1f} MiB")
@@ -193,7 +213,9 @@ def main():
     p.add_argument("--chunk", type=int, default=17, help="region_chunk_size of the step benchmark (0: one shot)")
     p.add_argument("--chunks", type=int, nargs="+", default=[0, 34, 17, 10])
     p.add_argument("--region_batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=1, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds, alternating with the PyTorch step")
+    p.add_argument("--torch-python", default=DEFAULT_PYTHON, help="a Python with torch + timm ('' to skip)")
     p.add_argument("--analyze_batch", type=int, default=0,
                    help="also compile (not run) the full step at this batch and print its memory analysis")
     p.add_argument("--remat", action="store_true", help="rematerialise each backbone block (step benchmark)")

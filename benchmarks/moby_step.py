@@ -3,11 +3,14 @@ r"""MoBY train-step throughput and peak memory (the full step: EMA, online + tar
 Default: the official-size setting the PyTorch baseline was measured in -- Swin-T at 224 px, full heads
 (4096 hidden, 256 out), queue 4096, AdamW + global-norm clip 5, fp32, batch 8 -- on whatever JAX sees::
 
-    python benchmarks/moby_step.py                                   # CPU: compare with the PyTorch baseline
+    python benchmarks/moby_step.py                                   # CPU: + the PyTorch step, same run
     python benchmarks/moby_step.py --dtype bfloat16 --batch 64       # on a GPU
     python benchmarks/moby_step.py --preset demo --steps 20          # the CPU demo's step (swin_nano, 32 px)
 
-Images/s count images of the global batch (each image = two views) per optimizer step, as the baseline does.
+Images/s count images of the global batch (each image = two views) per optimizer step. With a Python that has
+torch + timm (``--torch-python``, ``$SWIN_SSL_TORCH_PYTHON``, default /work/torchref/bin/python), a MoBY-shaped
+PyTorch step around timm's Swin-T (``benchmarks/torch_reference.py``) runs in a subprocess and the two are timed
+in alternating rounds (``--rounds`` x ``--steps``); the ratio of the medians is printed with the load average.
 Wall-clock figures on shared machines are noisy: the CPU time per step (process time, all threads) is printed
 too; compare ratios taken side by side, never single absolute numbers.
 """
@@ -23,9 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-PYTORCH_BASELINE = {  # official Transformer-SSL MoBY step, Swin-T 224, batch 8, fp32, AdamW + clip, 2-vCPU CI machine
-    ("swin_tiny", 224, 8, "float32"): 0.97,
-}
+from benchmarks.torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +37,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="global batch (default: 8 for paper presets)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--parallelism", default="jit", choices=["jit", "pmap"])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up/compile step)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per round (after a warm-up/compile step)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds, alternating with the PyTorch step")
+    parser.add_argument("--torch-python", default=DEFAULT_PYTHON, help="a Python with torch + timm ('' to skip)")
     parser.add_argument("--drop-path", type=float, default=None)
     args = parser.parse_args()
 
@@ -77,14 +80,22 @@ def main() -> None:
     jax.block_until_ready(metrics)
     first_s = time.perf_counter() - t0
 
-    walls, cpus = [], []
-    for _ in range(args.steps):
-        device_batch = par.put_batch(host_batch)
-        c0, t0 = time.process_time(), time.perf_counter()
-        state, metrics = program.step(state, device_batch)
-        jax.block_until_ready(metrics)
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
+    compare = (args.torch_python and available(args.torch_python) and args.dtype == "float32"
+               and c.model.name == "swin_tiny")
+    reference = TorchReference(args.torch_python, "moby", batch=batch, size=size) if compare else None
+    load0 = os.getloadavg()
+    walls, cpus, ref = [], [], {"walls": [], "cpus": []}
+    for _ in range(args.rounds):
+        for _ in range(args.steps):
+            device_batch = par.put_batch(host_batch)
+            c0, t0 = time.process_time(), time.perf_counter()
+            state, metrics = program.step(state, device_batch)
+            jax.block_until_ready(metrics)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+        if reference:
+            for k, v in reference.run(args.steps).items():
+                ref[k] += v
     loss = float(jax.device_get(metrics["loss"]))
 
     wall = statistics.median(walls)
@@ -101,19 +112,15 @@ def main() -> None:
           f"heads {c.moby.proj_hidden_dim}->{c.moby.proj_dim}, queue {c.moby.queue_size}, "
           f"{jax.device_count()} x {dev.platform} ({c.parallelism}), {n_params:,} online params")
     print(f"init {init_s:.1f}s, first step (compile + run) {first_s:.1f}s, loss {loss:.4f}, "
-          f"median of {args.steps} steps: {wall:.3f}s wall, {statistics.median(cpus):.3f}s CPU time")
+          f"median of {len(walls)} steps: {wall:.3f}s wall, {statistics.median(cpus):.3f}s CPU time")
     print(f"peak memory: {memory}")
-    baseline = PYTORCH_BASELINE.get((c.model.name, size, batch, c.model.dtype))
-    print()
-    print(f"| {'implementation':<44} | {'img/s':>8} | {'ratio':>6} |")
-    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 8}|")
-    print(f"| {'swin_ssl (JAX ' + jax.__version__ + ', ' + dev.platform + ')':<44} | {ips:8.2f} | "
-          f"{(ips / baseline if baseline else float('nan')):6.2f} |")
-    if baseline:
-        print(f"| {'official PyTorch MoBY (Transformer-SSL), CPU':<44} | {baseline:8.2f} | {1.0:6.2f} |")
+    if reference:
+        reference.close()
+        print_comparison(f"swin_ssl (JAX {jax.__version__}, {dev.platform})", walls, cpus,
+                         f"PyTorch MoBY-shaped step (torch {reference.info['torch']}, timm {reference.info['timm']})",
+                         ref, batch, load0)
     else:
-        print("| (no PyTorch baseline for this setting)        |          |        |")
-
+        print(f"{ips:.2f} img/s; no same-run PyTorch comparison (needs swin_tiny, float32 and --torch-python)")
 
 if __name__ == "__main__":
     main()
