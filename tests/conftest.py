@@ -24,3 +24,14 @@ def fmnist_stub_dir(tmp_path):
                  "t10k-labels-idx1-ubyte.gz"):
         (tmp_path / name).touch()
     return str(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """A Cloud Storage emulator with bucket ``gs://bucket`` (+ the TLS proxy for TensorFlow's client) on 127.0.0.1,
+    started for the session and stopped after it: ``gcs.env`` for subprocesses, ``gcs.applied()`` for this one,
+    ``gcs.objects(prefix)`` / ``gcs.read(name)`` to look into the bucket."""
+    import gcs_emulator
+
+    with gcs_emulator.GcsEmulator(tmp_path_factory.mktemp("gcs_emulator")) as emulator:
+        yield emulator

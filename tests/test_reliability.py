@@ -30,9 +30,9 @@ from swin_ssl.train import loop  # noqa: E402
 CONFIGS = {"moby": "configs/moby_swin_tiny.py:smoke", "esvit": "configs/esvit_swin_tiny.py:smoke"}
 
 
-def _train_py(workdir, config, *flags, env=None):
-    cmd = [sys.executable, "train.py", "--config", config, "--workdir", str(workdir), *flags]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def _train_py(workdir, config, *flags, env=None, cwd=ROOT):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", config, "--workdir", str(workdir), *flags]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
 
 
