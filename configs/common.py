@@ -28,11 +28,15 @@ A training config has this schema (every recipe fills all of it; ``lock_config=T
                            max_skipped_steps bounds the skips of one run
     evals.every_steps, evals.fn ("module:function"), evals.kwargs   in-training evaluation hook
     distributed.*          initialize, coordinator_address, num_processes, process_id, cpu_collectives
+    resume.*               allow_fresh_start, allow_config_change, read_retries, retry_seconds,
+                           lock_timeout_seconds (see ``swin_ssl/train/workdir.py``)
 """
 from __future__ import annotations
 
 import ml_collections
 from ml_collections import config_dict
+
+from swin_ssl.train import workdir
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 FASHION_MNIST_TRAIN_EXAMPLES = 60_000
@@ -106,6 +110,7 @@ def add_run_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict(dict(
         initialize=False, coordinator_address="", num_processes=config_dict.placeholder(int),
         process_id=config_dict.placeholder(int), cpu_collectives=""))
+    c.resume = workdir.default_config()  # restart behaviour: fresh start, config changes, read retries, lock
     return c
 
 

@@ -60,3 +60,19 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> str:
 def atomic_write_text(path: PathLike, text: str) -> str:
     """:func:`atomic_write_bytes` for UTF-8 text."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def move(src: PathLike, dst: PathLike) -> str:
+    """Moves a file or folder to ``dst``; object stores have no rename, so there every object is copied, then the
+    source removed (a reader may briefly see both, never neither)."""
+    src, dst = as_path(src), as_path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not is_remote(src):
+        os.replace(src, dst)
+        return os.fspath(dst)
+    for path in [p for p in src.rglob("*") if p.is_file()]:
+        target = dst / os.fspath(path.relative_to(src))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.copy(target)
+    src.rmtree()
+    return os.fspath(dst)

@@ -12,6 +12,7 @@ from swin_ssl.objectives import dino
 from swin_ssl.train import parallel as parallel_lib
 from swin_ssl.train import step as step_lib
 from test_esvit_objective import compile_fast, durations, make_batch, make_state, tiny_config
+from tests.jit_helpers import compile_like_step
 
 GLOBAL_BATCH = 16  # 2 examples per device
 
@@ -29,7 +30,7 @@ def _run(kind, devices):
         return loss, grads, aux["obj_state"], aux["metrics"]
 
     batch = par.put_batch({k: np.asarray(v) for k, v in batch.items()})
-    compiled = compile_fast(par.compile_any(fn), state, batch)
+    compiled = compile_fast(compile_like_step(par, fn), state, batch)
     return jax.tree.map(np.asarray, compiled(state, batch)), compiled.as_text()
 
 

@@ -5,12 +5,15 @@ The kill/SIGTERM tests drive real ``train.py`` subprocesses; they inherit the su
 so the reference run and the interrupted run execute the same compiled program.
 """
 import glob
+import json
 import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -77,9 +80,10 @@ def test_sigkill_and_restart_is_bitwise_identical(objective, async_save, finishe
     _assert_trees_identical(got, want, f"{objective} state after kill + resume")
 
 
-def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
-    """A real SIGTERM mid-run: checkpoint of the step in progress (none other is due), exit code 0, a message;
-    the same command resumes from that step."""
+def test_sigterm_saves_the_current_step_and_exits_143(tmp_path):
+    """A real SIGTERM mid-run: checkpoint of the step in progress (none other is due), exit status 143 (not 0, so
+    a restart loop or a scheduler's OnFailure policy reruns it), a message; meanwhile a second ``train.py`` on the
+    same workdir is refused (exit 2, one line) and changes nothing; the same command resumes from that step."""
     flags = ["--config.total_steps=100000", "--config.checkpoint_every_steps=100000",
              "--config.evals.fn=tests.hooks:mark_alive", "--config.evals.every_steps=1"]
     proc = _train_py(tmp_path, CONFIGS["moby"], *flags)
@@ -88,17 +92,58 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     while not alive.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert alive.exists(), _finish(proc)[1][-3000:]
+
+    rc, log = _finish(_train_py(tmp_path, CONFIGS["moby"], *flags))
+    assert rc == 2, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"this workdir is in use by pid {proc.pid}" in errors[0], log[-3000:]
+    assert proc.poll() is None  # the first run goes on
+
     proc.send_signal(signal.SIGTERM)
     rc, log = _finish(proc)
-    assert rc == 0, log[-3000:]
+    assert rc == 143, log[-3000:]
     saved = _steps(tmp_path)
     assert len(saved) == 1 and saved[0] >= int(alive.read_text()), saved
     assert f"Preempted: saved the checkpoint of step {saved[0]}" in log
+    assert not (tmp_path / "lock.json").exists()  # released on the way out
 
     rc, log = _finish(_train_py(tmp_path, CONFIGS["moby"], *flags[:2], f"--config.stop_after_steps={saved[0] + 2}"))
     assert rc == 0, log[-3000:]
     assert f"Restoring checkpoint of step {saved[0]}" in log
     assert _steps(tmp_path)[-1] == saved[0] + 2
+
+
+def sigterm_self_at_2(*, config, params, step, workdir):
+    """``config.evals`` hook: the scheduler's SIGTERM arrives after step 2."""
+    if step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return {}
+
+
+def test_sigterm_while_the_input_is_stalled_still_saves_and_stops(tmp_path, monkeypatch):
+    """The input hangs before step 3 (a file read that never returns) and SIGTERM arrives: the run still ends
+    with the checkpoint of step 2 instead of waiting for a batch that never comes."""
+    make = loop.data_lib.make_train_iterator
+    released = threading.Event()
+
+    def stalling_iterator(config, *, start_step, **kwargs):
+        for step, batch in enumerate(make(config, start_step=start_step, **kwargs), start=start_step + 1):
+            if step == 3:
+                released.wait(timeout=600)  # a hang; the loop must not wait for it
+            yield batch
+
+    monkeypatch.setattr(loop.data_lib, "make_train_iterator", stalling_iterator)
+    config = moby_swin_tiny.get_config("smoke")
+    config.checkpoint_every_steps = 100
+    config.evals.fn, config.evals.every_steps = f"{__name__}:sigterm_self_at_2", 1
+    try:
+        result = loop.train_and_evaluate(config, str(tmp_path))
+        stalled = not released.is_set()
+    finally:
+        released.set()
+    assert stalled  # the run ended while the input was still hanging
+    assert result["preempted"] and result["step"] == 2
+    assert _steps(str(tmp_path)) == [2]
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +207,7 @@ def test_nonfinite_step_leaves_the_state_untouched(tmp_path):
     EMA target, BN statistics, queues and pointer)."""
     config = moby_swin_tiny.get_config("smoke")
     durations = loop.validate(config, device_count=jax.device_count())
-    program = loop.get_program(config, durations)
+    program = loop.build_program(config, durations)
     with program.parallel.context():
         state = program.init(jax.random.PRNGKey(0))
     before = jax.device_get(state)
@@ -203,14 +248,55 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(finished_run
     assert not glob.glob(os.path.join(workdir, "checkpoints", "*tmp*"))  # the stale temporary save is cleaned up
 
 
-def test_no_readable_checkpoint_fails_clearly(finished_run, tmp_path):
-    source, _ = finished_run
+def test_all_checkpoints_unreadable_never_restarts_from_zero_silently(finished_run, tmp_path):
+    """Every checkpoint truncated: the first rerun moves them aside and refuses; the second rerun (what a scheduler's
+    auto-restart does) finds an empty checkpoint folder and still refuses, saying where the checkpoints went; only
+    ``resume.allow_fresh_start`` trains from step 0."""
+    source, final_state = finished_run
     workdir = str(tmp_path / "run")
     shutil.copytree(source, workdir)
     _corrupt(workdir, 6)
     _corrupt(workdir, 3)
-    with pytest.raises(RuntimeError, match="no readable checkpoint in .*checkpoints"):
-        loop.train_and_evaluate(moby_swin_tiny.get_config("smoke"), workdir)
+    config = moby_swin_tiny.get_config("smoke")
+    with pytest.raises(RuntimeError, match=r"no readable checkpoint in .*checkpoints \(step 6: .*; step 3: .*\), "
+                                           r"although this run has had checkpoints") as first:
+        loop.train_and_evaluate(config, workdir)
+    assert "\n" not in str(first.value)
+    assert len(glob.glob(os.path.join(workdir, "unreadable_checkpoints", "*"))) == 2
+    with pytest.raises(RuntimeError, match=r"no readable checkpoint .*\(none left\).*unreadable_checkpoints.*"
+                                           r"--config.resume.allow_fresh_start=True"):
+        loop.train_and_evaluate(config, workdir)
+    assert _steps(workdir) == []
+    config.resume.allow_fresh_start = True
+    result = loop.train_and_evaluate(config, workdir)
+    assert result["history"][0][0] == 2  # from step 0
+    _assert_trees_identical(jax.device_get(result["state"]), final_state, "state trained afresh")
+
+
+def test_transient_read_error_is_retried_then_stops_without_moving_anything(finished_run, tmp_path, monkeypatch):
+    """A stale NFS handle while reading the newest checkpoint is not corruption: retried, then the run stops with
+    StorageUnavailable (train.py: exit 75) and every checkpoint stays where it is."""
+    import errno
+    source, _ = finished_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
+    calls = []
+
+    def stale(path):
+        calls.append(path)
+        raise OSError(errno.ESTALE, "Stale file handle", path)
+
+    monkeypatch.setattr(checkpoint, "_read_meta", stale)
+    config = moby_swin_tiny.get_config("smoke")
+    config.resume.read_retries, config.resume.retry_seconds = 2, 0.01
+    with pytest.raises(checkpoint.StorageUnavailable, match=r"cannot read .*checkpoints/6 now \(OSError: .*Stale "
+                                                            r"file handle.*after 2 retries; nothing was moved"):
+        loop.train_and_evaluate(config, workdir)
+    assert len(calls) == 3  # the first read and two retries
+    assert _steps(workdir) == [3, 6] and not os.path.exists(os.path.join(workdir, "unreadable_checkpoints"))
+    assert checkpoint.is_transient(OSError(errno.EIO, "Input/output error"))
+    assert not checkpoint.is_transient(ValueError("DATA_LOSS: truncated"))
+    assert not checkpoint.is_transient(FileNotFoundError("state/manifest.ocdbt"))
 
 
 def test_checkpoint_of_another_run_is_refused_not_moved(finished_run, tmp_path):
@@ -225,6 +311,79 @@ def test_checkpoint_of_another_run_is_refused_not_moved(finished_run, tmp_path):
     with pytest.raises(ValueError, match="objective='moby' but the config has 'esvit'"):
         loop.train_and_evaluate(config, workdir)
     assert _steps(workdir) == [3, 6] and not os.path.exists(os.path.join(workdir, "unreadable_checkpoints"))
+
+
+# --- resuming with another configuration ------------------------------------------------------------------------
+
+def test_resume_with_another_batch_size_is_refused_before_compiling(finished_run, tmp_path, monkeypatch):
+    """The data position, epoch-based schedules and the queue pointer all depend on the global batch: a rerun with
+    another one is refused with one line naming the key and both values, before anything is compiled."""
+    source, _ = finished_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the program was built before the configuration was compared")
+
+    monkeypatch.setattr(loop, "build_program", no_build)
+    config = moby_swin_tiny.get_config("smoke")
+    config.batch_size, config.seed, config.log_every_steps = 32, 1, 1  # log_every_steps may change
+    with pytest.raises(loop.hosts.RunRefused) as info:
+        loop.train_and_evaluate(config, workdir)
+    message = str(info.value)
+    assert "batch_size: 16 -> 32; seed: 0 -> 1)" in message and "\n" not in message, message
+    assert "log_every_steps" not in message and "--config.resume.allow_config_change=True" in message
+    config.resume.allow_config_change = True  # the override gets past the check (and then builds the program)
+    with pytest.raises(AssertionError, match="the program was built"):
+        loop.train_and_evaluate(config, workdir)
+    assert not os.path.exists(os.path.join(workdir, "lock.json"))  # released after each attempt
+
+
+def test_update_that_makes_the_state_nonfinite_is_never_applied(tmp_path):
+    """Loss and gradients finite, the update not: Adam with eps=0 divides 0 by 0 for parameters whose gradient is
+    exactly zero (biases before BatchNorm). The step keeps the old state, and the loop stops naming the cause."""
+    config = moby_swin_tiny.get_config("smoke")
+    config.optim.eps = 0.0
+    durations = loop.validate(config, device_count=jax.device_count())
+    program = loop.build_program(config, durations)
+    with program.parallel.context():
+        state = program.init(jax.random.PRNGKey(0))
+    before = jax.device_get(state)
+    batch = next(loop.data_lib.make_train_iterator(config, process_index=0, process_count=1, start_step=0))
+    with program.parallel.context():
+        after, metrics = program.step(state, program.parallel.put_batch(batch))
+    assert float(metrics["finite"]) == 0.0
+    assert math.isfinite(float(metrics["loss"])) and math.isfinite(float(metrics["grad_norm"]))
+    _assert_trees_identical(jax.device_get(after).replace(step=before.step), before, "state after a bad update")
+
+    with pytest.raises(FloatingPointError, match=r"non-finite updated state \(parameters, optimizer moments"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    assert _steps(str(tmp_path)) == []  # nothing was saved
+
+
+def test_workdir_lock_tells_live_runs_from_stale_ones(tmp_path):
+    from swin_ssl.train import workdir as workdir_lib
+
+    def held_by(**info):
+        (tmp_path / "lock.json").write_text(json.dumps({"token": "other", "started": time.time(), **info}))
+
+    lock = workdir_lib.WorkdirLock(str(tmp_path), timeout=60)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    held_by(host=socket.gethostname(), pid=int(dead.stdout), heartbeat=time.time())
+    lock.acquire()  # same host, process gone: stale, taken over
+    assert json.loads((tmp_path / "lock.json").read_text())["token"] == lock.info["token"]
+    lock.release()
+    assert not (tmp_path / "lock.json").exists()
+
+    held_by(host=socket.gethostname(), pid=os.getppid(), heartbeat=0)  # same host, process alive: live
+    with pytest.raises(loop.hosts.RunRefused, match=r"in use by pid \d+ on .*process running"):
+        lock.acquire()
+    held_by(host="other-vm", pid=1, heartbeat=time.time() - 30)  # another host, recent heartbeat: live
+    with pytest.raises(loop.hosts.RunRefused, match="other-vm.*last heartbeat 3\\d s ago"):
+        lock.acquire()
+    held_by(host="other-vm", pid=1, heartbeat=time.time() - 61)  # another host, silent past the timeout: stale
+    lock.acquire()
+    lock.release()
 
 
 # --- config validation before compiling -----------------------------------------------------------------------

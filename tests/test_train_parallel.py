@@ -18,6 +18,7 @@ from configs import moby_swin_tiny  # noqa: E402
 from swin_ssl.objectives import moby  # noqa: E402
 from swin_ssl.train import data, optim, parallel, step, validate  # noqa: E402
 from swin_ssl.train.state import create_train_state  # noqa: E402
+from tests.jit_helpers import compile_like_step  # noqa: E402
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -59,7 +60,7 @@ def _run(kind, n_devices, drop_path):
 
     state = jax.device_put(_initial_state(drop_path), par.replicated)
     batch = par.put_batch(_batch())
-    compiled = par.compile_any(fn).lower(state, batch).compile()
+    compiled = compile_like_step(par, fn).lower(state, batch).compile()
     out = jax.device_get(compiled(state, batch))
     out["hlo"] = compiled.as_text()
     return out

@@ -22,7 +22,6 @@ Writes ``workdir/results.json`` (metrics + what was evaluated) and the metrics a
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from swin_ssl import storage
 from swin_ssl.evaluators import common, datasets, knn, linear, loading
 
 PyTree = Any
@@ -190,15 +190,14 @@ def evaluate(config: Any, workdir: str) -> dict[str, float]:
 
 
 def write_results(workdir: str, metrics: dict[str, float], info: dict[str, Any], step: int = 0) -> str:
-    """``workdir/results.json`` and TensorBoard scalars (clu metric writers) on process 0."""
-    path = os.path.join(workdir, "results.json")
+    """``workdir/results.json`` (written atomically; ``workdir`` may be a URL) and TensorBoard scalars (clu metric
+    writers) on process 0."""
+    path = storage.join(workdir, "results.json")
     if jax.process_index() != 0:
         return path
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"metrics": metrics, "evaluated": info}, f, indent=2, sort_keys=True)
+    storage.atomic_write_text(path, json.dumps({"metrics": metrics, "evaluated": info}, indent=2, sort_keys=True))
     from clu import metric_writers
-    writer = metric_writers.create_default_writer(workdir, asynchronous=False)
+    writer = metric_writers.create_default_writer(storage.join(workdir), asynchronous=False)
     writer.write_scalars(step, {k: float(v) for k, v in metrics.items()})
     writer.flush()
     writer.close()

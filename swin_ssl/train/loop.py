@@ -22,28 +22,31 @@ import importlib
 import json
 import logging
 import math
-import os
+import queue
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 
 from swin_ssl import checkpoint as ckpt_lib
+from swin_ssl import hosts, storage
 from swin_ssl import metrics as metrics_lib
 from swin_ssl.train import data as data_lib
 from swin_ssl.train import optim as optim_lib
 from swin_ssl.train import parallel as parallel_lib
 from swin_ssl.train import step as step_lib
+from swin_ssl.train import workdir as workdir_lib
 from swin_ssl.train.state import Objective, TrainState, create_train_state
 from swin_ssl.train.validate import OBJECTIVE_MODULES, Durations, validate
 
-# Config keys that do not change the compiled program (a second run with other values reuses it).
-RUN_ONLY_KEYS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "async_checkpointing",
-                 "stop_after_steps", "evals", "distributed", "on_nonfinite", "max_skipped_steps")
+# Exit statuses of train.py (a restart loop reruns on the first two; see the README).
+EXIT_PREEMPTED = 143      # stopped by SIGTERM / the preemption service after saving: rerun to resume
+EXIT_RETRY_LATER = 75     # storage could not be read now; nothing was changed: rerun later
+EXIT_REFUSED = 2          # the run cannot start as asked (lock, changed config, lost checkpoints): see the message
 
 
 def make_objective(config: ml_collections.ConfigDict, durations: Durations, axis_name: str | None) -> Objective:
@@ -59,7 +62,6 @@ class Program:
     optimizer: optim_lib.Optimizer
     init: Callable[[jax.Array], TrainState]   # jitted, output replicated on the mesh
     step: Callable                             # jitted/pmapped (state, batch) -> (state, metrics), donates state
-    traces: list                               # one entry per trace of the step (tests: compiled once)
 
 
 def build_program(config: ml_collections.ConfigDict, durations: Durations) -> Program:
@@ -68,27 +70,10 @@ def build_program(config: ml_collections.ConfigDict, durations: Durations) -> Pr
     optimizer = optim_lib.make_optimizer(config.optim, total_steps=durations.total_steps,
                                          warmup_steps=durations.warmup_steps, global_batch=int(config.batch_size),
                                          freeze_steps=durations.freeze_steps)
-    traces = []
-
-    def step(state, batch):
-        traces.append(1)  # runs at trace time only
-        return step_lib.train_step(state, batch, objective=objective, optimizer=optimizer, axis_name=par.axis_name)
-
+    train_step = functools.partial(step_lib.train_step, objective=objective, optimizer=optimizer,
+                                   axis_name=par.axis_name)
     init = jax.jit(functools.partial(create_train_state, objective, optimizer.tx), out_shardings=par.replicated)
-    return Program(par, objective, optimizer, init, par.compile_step(step), traces)
-
-
-_PROGRAMS: dict[str, Program] = {}
-
-
-def get_program(config: ml_collections.ConfigDict, durations: Durations) -> Program:
-    """Cached per (program-relevant config, devices): resuming in the same process does not recompile."""
-    program_config = {k: v for k, v in config.to_dict().items() if k not in RUN_ONLY_KEYS}
-    key = json.dumps([program_config, [d.id for d in jax.devices()], jax.process_index()], sort_keys=True,
-                     default=str)
-    if key not in _PROGRAMS:
-        _PROGRAMS[key] = build_program(config, durations)
-    return _PROGRAMS[key]
+    return Program(par, objective, optimizer, init, par.compile_step(train_step))
 
 
 def _resolve(spec: str) -> Callable:
@@ -139,7 +124,12 @@ class NonFiniteGuard:
         if bool(jax.device_get(metrics["finite"])):
             return
         loss, grad_norm = (float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm"))
-        signal = f"loss={loss}" if not math.isfinite(loss) else f"gradient norm={grad_norm}"
+        if not math.isfinite(loss):
+            signal = f"loss={loss}"
+        elif not math.isfinite(grad_norm):
+            signal = f"gradient norm={grad_norm}"
+        else:  # the update itself (lr, weight decay, eps) made the parameters, moments, target or statistics bad
+            signal = "updated state (parameters, optimizer moments, EMA target, queues/centers or BatchNorm statistics)"
         if self.policy == "skip" and len(self.skipped) < self.max_skipped:
             self.skipped.append(step)
             logging.warning("Non-finite %s at step %d: update skipped (%d of at most %d skips).", signal, step,
@@ -174,27 +164,77 @@ class SigtermFlag:
         return False
 
 
+class BatchFeeder:
+    """Reads the host's batches in a background thread, so the loop can notice a SIGTERM while the input is
+    stalled (a hung file read, a slow network mount) and stop within about ``poll_seconds``."""
+
+    def __init__(self, batches: Iterator[dict], poll_seconds: float = 0.5, depth: int = 2):
+        self.poll_seconds = poll_seconds
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._fill, args=(batches,), daemon=True, name="batch-feeder")
+        self._thread.start()
+
+    def _fill(self, batches: Iterator[dict]) -> None:
+        try:
+            for batch in batches:
+                self._queue.put(("batch", batch))
+        except BaseException as e:  # noqa: BLE001 -- handed to the loop, which re-raises it
+            self._queue.put(("error", e))
+        else:
+            self._queue.put(("error", StopIteration("the input pipeline ended")))
+
+    def next(self, stop: Callable[[], bool]) -> dict | None:
+        """The next batch, or None once ``stop()`` is true while waiting for it."""
+        while True:
+            try:
+                kind, item = self._queue.get(timeout=self.poll_seconds)
+            except queue.Empty:
+                if stop():
+                    return None
+                continue
+            if kind == "error":
+                raise item
+            return item
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from ``workdir`` when it holds a checkpoint). Returns ``{"step", "history", "state",
-    "evals", "step_traces", "skipped", "preempted"}`` -- ``history`` is a list of ``(step, metrics)`` at the
-    logging steps, ``skipped`` the steps whose non-finite update was skipped."""
+    "evals", "skipped", "preempted"}`` -- ``history`` is a list of ``(step, metrics)`` at the logging steps,
+    ``skipped`` the steps whose non-finite update was skipped, ``preempted`` whether a SIGTERM (or the multi-host
+    preemption service) stopped the run after saving.
+
+    ``workdir`` is a local folder or a URL (``gs://bucket/run``). Raises :class:`swin_ssl.hosts.RunRefused` (live
+    lock, changed run-defining config, lost checkpoints) and :class:`swin_ssl.hosts.StorageUnavailable`
+    (transient read errors) with the same one-line message on every process."""
     metrics_lib.quiet_library_logs()
     parallel_lib.maybe_initialize_distributed(config.get("distributed"))
     durations = validate(config, device_count=jax.device_count(), process_count=jax.process_count())
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.check(config)
+    workdir = str(storage.as_path(workdir))
+    lock = workdir_lib.WorkdirLock(workdir, float(config.resume.lock_timeout_seconds)) if hosts.is_leader() else None
+    hosts.leader_decides(lock.acquire if lock else None)
+    try:
+        hosts.leader_decides(lambda: workdir_lib.check_run_config(
+            workdir, config, resuming=ckpt_lib.has_checkpoints(workdir)))
+        return _train(config, workdir, durations, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, durations: Durations,
+           lock: workdir_lib.WorkdirLock | None) -> dict:
     logging.info("%s training: %s steps (%s per epoch), warmup %s, %d devices, %d processes",
                  config.objective, durations.total_steps, durations.steps_per_epoch, durations.warmup_steps,
                  jax.device_count(), jax.process_count())
-
-    program = get_program(config, durations)
+    program = build_program(config, durations)
     par, objective = program.parallel, program.objective
     rng = jax.random.PRNGKey(int(config.seed))
     abstract = ckpt_lib.abstract_like(jax.eval_shape(program.init, rng), par.replicated)
     # Restored before the manager exists: unreadable checkpoints are moved aside first, so the manager never
     # counts them as the latest step.
-    restored = ckpt_lib.restore_latest(workdir, abstract, expect={"objective": config.objective,
-                                                                  "model": config.model.name})
+    restored = ckpt_lib.restore_latest(workdir, abstract, resume=config.resume,
+                                       expect={"objective": config.objective, "model": config.model.name})
     writer = metrics_lib.create_writer(workdir, asynchronous=True)
     manager = ckpt_lib.make_manager(workdir, every_steps=int(config.checkpoint_every_steps),
                                     keep=int(config.keep_checkpoints), asynchronous=bool(config.async_checkpointing))
@@ -210,8 +250,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     end = durations.total_steps
     if config.get("stop_after_steps") is not None:
         end = min(end, int(config.stop_after_steps))
-    batches = None if start >= end else data_lib.make_train_iterator(
-        config, process_index=jax.process_index(), process_count=jax.process_count(), start_step=start)
+    feeder = None if start >= end else BatchFeeder(data_lib.make_train_iterator(
+        config, process_index=jax.process_index(), process_count=jax.process_count(), start_step=start))
     progress = metrics_lib.report_progress(durations.total_steps, writer)
     log_every, save_every = max(int(config.log_every_steps), 1), int(config.checkpoint_every_steps)
     eval_every = int(config.evals.every_steps) if config.evals.get("fn") else 0
@@ -230,12 +270,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     try:
         with SigtermFlag() as sigterm:
-            for step in range(start + 1, end + 1):
+            for next_step in range(start + 1, end + 1):
+                batch = feeder.next(stop=lambda: sigterm.received)
+                if batch is None:  # SIGTERM while waiting for input: keep what the finished steps computed
+                    preempted = True
+                    break
+                step = next_step
                 with jax.profiler.StepTraceAnnotation("train", step_num=step), par.context():
-                    batch = par.put_batch(next(batches))
-                    state, metrics = program.step(state, batch)
+                    state, metrics = program.step(state, par.put_batch(batch))
                 guard.push(step, metrics)
                 progress(step)
+                if lock is not None:
+                    lock.heartbeat()
                 if step % log_every == 0 or step == end:
                     guard.flush()
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -259,8 +305,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.flush()
         writer.close()
     if preempted:
-        logging.warning("Preempted: saved the checkpoint of step %d in %s and stopped; rerun the same command to "
-                        "resume.", step, ckpt_lib.checkpoint_dir(workdir))
+        logging.warning("Preempted: saved the checkpoint of step %d in %s and stopped (exit status %d); rerun the "
+                        "same command to resume.", step, ckpt_lib.checkpoint_dir(workdir), EXIT_PREEMPTED)
     logging.info("Trained steps %d..%d in %.1fs", start, step, time.time() - t0)
-    return {"step": step, "history": history, "state": state, "evals": evals, "step_traces": len(program.traces),
-            "skipped": list(guard.skipped), "preempted": preempted}
+    return {"step": step, "history": history, "state": state, "evals": evals, "skipped": list(guard.skipped),
+            "preempted": preempted}

@@ -95,13 +95,6 @@ class Parallel:
         return jax.jit(fn, in_shardings=(self.replicated, self.data_sharding),
                        out_shardings=(self.replicated, self.replicated), donate_argnums=donate_argnums)
 
-    def compile_any(self, fn: Callable, out_axes: Any = None) -> Callable:
-        """Like :meth:`compile_step` without donation and with free outputs (tests, gradient checks)."""
-        if self.kind == "pmap":
-            return jax.pmap(fn, axis_name=PMAP_AXIS, in_axes=(None, 0), out_axes=out_axes,
-                            devices=list(self.mesh.devices.flat))
-        return jax.jit(fn, in_shardings=(self.replicated, self.data_sharding), out_shardings=self.replicated)
-
 
 def make_parallel(kind: str = "jit", devices=None) -> Parallel:
     """``kind`` "jit" or "pmap". Under pmap the mesh's axis is named like pmap's, so the replicated state we

@@ -26,6 +26,12 @@ def step_rng(state: TrainState, axis_name: str | None) -> jax.Array:
     return rng
 
 
+def all_finite(tree: PyTree) -> jax.Array:
+    """Whether every floating-point value in ``tree`` is finite (one boolean)."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def loss_and_grads(state: TrainState, batch, *, objective: Objective, axis_name: str | None = None):
     """``before_step`` then the loss and its gradients w.r.t. ``state.params`` (averaged over devices).
 
@@ -63,10 +69,11 @@ def train_step(state: TrainState, batch, *, objective: Objective, optimizer: Opt
                               obj_state=aux["obj_state"])
     # after_step sees the updated params while ``state.step`` is still this update's index (DINO: m[it]).
     new_state = objective.after_step(new_state)
-    # A non-finite loss or gradient leaves everything (params, optimizer, EMA target, queues/centers, BN stats)
-    # as it was before this step; only the step counter moves on, so the data order and schedules stay aligned.
-    # The loop decides whether to stop or go on (config.on_nonfinite); either way nothing broken is kept.
-    finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+    # A non-finite loss or gradient, or an update that made any value of the new state non-finite (an lr, weight
+    # decay or eps that breaks the update), leaves everything (params, optimizer, EMA target, queues/centers, BN
+    # stats) as it was before this step; only the step counter moves on, so the data order and schedules stay
+    # aligned. The loop decides whether to stop or go on (config.on_nonfinite); either way nothing broken is kept.
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & all_finite(new_state)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
     new_state = new_state.replace(step=old_state.step + 1)
     metrics["finite"] = finite

@@ -22,7 +22,7 @@ SCHEMA = {
     "": ("objective", "seed", "model", "data", "batch_size", "total_epochs", "total_steps", "warmup_epochs",
          "warmup_steps", "optim", "parallelism", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
          "async_checkpointing", "stop_after_steps", "on_nonfinite", "max_skipped_steps", "evals", "distributed",
-         "moby", "dino"),
+         "moby", "dino", "resume"),
     "model": ("name", "drop_path_rate", "target_drop_path_rate", "dtype", "remat", "overrides"),
     "moby": ("queue_size", "temperature", "momentum", "proj_dim", "proj_hidden_dim", "pred_hidden_dim",
              "proj_layers", "pred_layers"),
@@ -34,6 +34,7 @@ SCHEMA = {
               "freeze_patterns", "freeze_epochs", "freeze_steps"),
     "evals": ("every_steps", "fn", "kwargs"),
     "distributed": ("initialize", "coordinator_address", "num_processes", "process_id", "cpu_collectives"),
+    "resume": ("allow_fresh_start", "allow_config_change", "read_retries", "retry_seconds", "lock_timeout_seconds"),
 }
 FREE_FORM = ("model.overrides", "evals.kwargs")
 DATA_EXTRA_KEYS = ("name", "data_dir", "manual_dir", "num_train_examples")

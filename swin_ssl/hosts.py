@@ -1,0 +1,72 @@
+"""One decision for all hosts: process 0 decides, every process gets the same answer or the same error.
+
+On several hosts, anything read from shared storage (which checkpoint to restore, whether the workdir is locked,
+whether the configuration changed) is read by process 0 only; its outcome -- a JSON value or an error -- is
+broadcast, so all hosts act alike even when one of them would have seen a transient read error. Each helper is a
+no-op collective on a single process, so the same code path runs on a laptop and on a pod.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+
+class RunRefused(RuntimeError):
+    """The run cannot start as asked (a live lock, a changed configuration, checkpoints lost): nothing was
+    changed; the message says what to do."""
+
+
+class StorageUnavailable(RuntimeError):
+    """Storage could not be read now (after retries): nothing was moved or written; rerun later."""
+
+
+_ERRORS = {cls.__name__: cls for cls in (RunRefused, StorageUnavailable, ValueError, FileNotFoundError)}
+
+
+def is_leader() -> bool:
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """All processes wait here (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast_json(value: Any) -> Any:
+    """Process 0's JSON-serialisable ``value`` on every process (the others' ``value`` is ignored)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    data = json.dumps(value).encode() if is_leader() else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+    buffer = np.frombuffer(data, np.uint8) if is_leader() else np.zeros(size, np.uint8)
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
+
+
+def gather_ints(value: int) -> list[int]:
+    """Every process's ``value``, in process order."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    from jax.experimental import multihost_utils
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int32(value))).reshape(-1)]
+
+
+def leader_decides(decide: Callable[[], Any]) -> Any:
+    """Runs ``decide()`` on process 0 only and returns its result on every process; an error it raises (of the
+    kinds above) is raised on every process with the same message, so no host is left waiting in a collective."""
+    outcome = None
+    if is_leader():
+        try:
+            outcome = {"value": decide()}
+        except tuple(_ERRORS.values()) as e:
+            kind = next(name for name, cls in _ERRORS.items() if isinstance(e, cls))
+            outcome = {"error": kind, "message": str(e)}
+    outcome = broadcast_json(outcome)
+    if "error" in outcome:
+        raise _ERRORS[outcome["error"]](outcome["message"])
+    return outcome["value"]

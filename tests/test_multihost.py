@@ -1,0 +1,147 @@
+"""Several real ``train.py`` processes on localhost (``jax.distributed``, gloo CPU collectives, one device each)
+sharing one workdir, as the hosts of a pod do: kill-and-resume is bitwise, SIGTERM to one process stops all of
+them at one step with one checkpoint, and a read error on one host gives the same outcome on every host.
+
+The launches of one layout run the same programs; a persistent compilation cache shared by the launches keeps
+them from compiling each one again (it changes no numbers: the cached executable is the compiled one).
+"""
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from swin_ssl import checkpoint
+from tests.test_reliability import _assert_trees_identical, _steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ["--config", "configs/moby_swin_tiny.py:smoke", "--config.async_checkpointing=False"]
+LAYOUTS = [2, 4]
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _launch(n, workdir, *flags, cache_dir, faults=None, extra_env=None):
+    """``n`` processes of ``train.py`` (or of ``tests/storage_faults.py`` wrapping it) on one coordinator."""
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0",
+           "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_COMPILATION_CACHE_DIR": cache_dir,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **(extra_env or {})}
+    procs = []
+    for i in range(n):
+        script = ["train.py"] if faults is None else ["tests/storage_faults.py", *faults, "--"]
+        cmd = [sys.executable, *script, *SMOKE, "--workdir", str(workdir), *flags,
+               "--config.distributed.initialize=True", f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+               f"--config.distributed.num_processes={n}", f"--config.distributed.process_id={i}",
+               "--config.distributed.cpu_collectives=gloo"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    return procs
+
+
+def _wait(procs, timeout=900):
+    """``[(returncode, log)]``; kills every process if any is still running after ``timeout`` (a deadlock)."""
+    deadline, results = time.time() + timeout, []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(deadline - time.time(), 1))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"process {procs.index(proc)} still running after {timeout} s (deadlock?)")
+        results.append((proc.returncode, out))
+    return results
+
+
+def _error_lines(log):
+    return [line for line in log.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module", params=LAYOUTS, ids=lambda n: f"{n}proc")
+def straight(request, tmp_path_factory, cache_dir):
+    """``n`` processes train the smoke preset to step 6 in one go (checkpoints 3 and 6)."""
+    n = request.param
+    workdir = tmp_path_factory.mktemp(f"straight_{n}")
+    for rc, log in _wait(_launch(n, workdir, cache_dir=cache_dir)):
+        assert rc == 0, log[-3000:]
+    assert _steps(workdir) == [3, 6]
+    return n, workdir
+
+
+def test_kill_and_resume_is_bitwise(straight, tmp_path, cache_dir):
+    n, reference = straight
+    hook = ["--config.evals.fn=tests.hooks:sigkill_at", "--config.evals.every_steps=1"]
+    results = _wait(_launch(n, tmp_path, *hook, cache_dir=cache_dir, extra_env={"SWIN_SSL_KILL_AT": "5"}))
+    assert all(rc == -signal.SIGKILL for rc, _ in results), [log[-2000:] for _, log in results]
+    assert _steps(tmp_path) == [3]
+    for rc, log in _wait(_launch(n, tmp_path, cache_dir=cache_dir)):
+        assert rc == 0 and "Restoring checkpoint of step 3" in log, log[-3000:]
+    want, _ = checkpoint.restore_raw(str(reference))
+    got, meta = checkpoint.restore_raw(str(tmp_path))
+    assert meta["step"] == 6
+    _assert_trees_identical(got, want, f"{n}-process state after kill + resume")
+
+
+def test_sigterm_to_one_process_stops_all_at_one_step(straight, tmp_path, cache_dir):
+    n, _ = straight
+    flags = ["--config.total_steps=100000", "--config.checkpoint_every_steps=100000",
+             "--config.evals.fn=tests.hooks:mark_alive", "--config.evals.every_steps=1"]
+    procs = _launch(n, tmp_path, *flags, cache_dir=cache_dir)
+    deadline = time.time() + 600
+    while not (tmp_path / "alive").exists() and all(p.poll() is None for p in procs) and time.time() < deadline:
+        time.sleep(0.5)
+    assert (tmp_path / "alive").exists(), _wait(procs)[0][1][-3000:]
+    procs[-1].send_signal(signal.SIGTERM)  # the last host only, as when one VM of a pod is preempted
+    results = _wait(procs)
+    assert [rc for rc, _ in results] == [143] * n, [log[-2000:] for _, log in results]
+    saved = _steps(tmp_path)
+    assert len(saved) == 1, saved
+    for _, log in results:
+        assert f"Preempted: saved the checkpoint of step {saved[0]}" in log
+
+
+def _copy(reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    return workdir
+
+
+def test_transient_read_error_on_one_host_stops_every_host_alike(straight, tmp_path, cache_dir):
+    n, reference = straight
+    workdir = _copy(reference, tmp_path)
+    faults = ["transient", str(n - 1), "6"]
+    results = _wait(_launch(n, workdir, "--config.resume.retry_seconds=0.1", cache_dir=cache_dir, faults=faults))
+    assert [rc for rc, _ in results] == [75] * n, [log[-2000:] for _, log in results]
+    errors = [_error_lines(log) for _, log in results]
+    assert all(len(e) == 1 for e in errors) and len({e[0] for e in errors}) == 1, errors  # one line, the same
+    assert f"cannot read {workdir}/checkpoints/6 now (process [{n - 1}]" in errors[0][0]
+    assert _steps(workdir) == [3, 6] and not (workdir / "unreadable_checkpoints").exists()  # nothing moved
+
+
+def test_damaged_checkpoint_on_one_host_makes_every_host_fall_back(straight, tmp_path, cache_dir):
+    n, reference = straight
+    workdir = _copy(reference, tmp_path)
+    results = _wait(_launch(n, workdir, cache_dir=cache_dir, faults=["damaged", str(n - 1), "6"]))
+    for rc, log in results:
+        assert rc == 0 and "Restoring checkpoint of step 3" in log, log[-3000:]
+    assert len(glob.glob(str(workdir / "unreadable_checkpoints" / "6-*"))) == 1  # moved aside once, by process 0
+    want, _ = checkpoint.restore_raw(str(reference))
+    got, meta = checkpoint.restore_raw(str(workdir))
+    assert meta["step"] == 6
+    _assert_trees_identical(got, want, f"{n}-process state retrained from step 3")
