@@ -119,7 +119,7 @@ class GcsEmulator:
             raise RuntimeError(f"the GCS proxy did not start: {self._log_tail()}")
         proxy = f"http://127.0.0.1:{int(port)}"
         self.env = {
-            # tensorstore (orbax's array data): plain HTTP to the emulator, a fixed token instead of a credential lookup.
+            # tensorstore (orbax array data): plain HTTP to the emulator, a fixed token, no credential lookup.
             "TENSORSTORE_GCS_HTTP_URL": self.url,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy",  # also read by TensorFlow's client: no metadata-server probe
             "NO_GCE_CHECK": "true",  # never wait for a GCE metadata server that is not there
@@ -187,6 +187,10 @@ class GcsEmulator:
         fsspec reads its ``FSSPEC_*`` settings when first imported and caches filesystem instances, so both are
         refreshed here; gcsfs reads ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`` at import, so it must not be imported yet
         (or have been imported with the same setting)."""
+        gcsfs = sys.modules.get("gcsfs")
+        if gcsfs is not None and gcsfs.GCSFileSystem.__name__ != "GCSFileSystem":
+            raise RuntimeError("gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set: each call "
+                               "would first probe a gRPC API the emulator does not have")
         saved = {key: os.environ.get(key) for key in self.env}
         os.environ.update(self.env)
         self._refresh_fsspec()
