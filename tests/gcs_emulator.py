@@ -20,8 +20,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gcs_proxy import INTERCEPTED_HOSTS, GcsProxy  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from gcs_proxy import INTERCEPTED_HOSTS  # noqa: E402
 
 BUCKET = "bucket"
 _STARTUP_POLLS = 300  # x 0.1 s: how long the emulator may take to answer its first request
@@ -61,6 +62,18 @@ def make_test_certificates(directory: Path) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
 class GcsEmulator:
     """fake-gcs-server + the TLS proxy, both on 127.0.0.1; a context manager that stops both on exit."""
 
@@ -70,7 +83,8 @@ class GcsEmulator:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen | None = None
-        self._proxy: GcsProxy | None = None
+        self._proxy: subprocess.Popen | None = None
+        self._log = None
         self.env: dict[str, str] = {}
 
     def __enter__(self) -> GcsEmulator:
@@ -86,7 +100,7 @@ class GcsEmulator:
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.directory / "emulator.log", "wb")  # a file, not a pipe: a full pipe would block it
+        self._log = open(self.directory / "servers.log", "wb")  # both servers log here: a full pipe would block them
         self._process = subprocess.Popen(
             [_emulator_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
              "-backend", "filesystem", "-filesystem-root", str(self.directory / "storage"),
@@ -96,9 +110,16 @@ class GcsEmulator:
         self._wait_until_ready()
         self._call("POST", "/storage/v1/b", json.dumps({"name": self.bucket}).encode())
         ca, cert, key = make_test_certificates(self.directory / "tls")
-        self._proxy = GcsProxy(self.port, str(cert), str(key)).start()
+        self._proxy = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "gcs_proxy.py"), "--upstream-port", str(self.port),
+             "--cert", str(cert), "--key", str(key)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        port = self._proxy.stdout.readline().strip()  # its first line; empty if it exited
+        if not port.isdigit():
+            raise RuntimeError(f"the GCS proxy did not start: {self._log_tail()}")
+        proxy = f"http://127.0.0.1:{int(port)}"
         self.env = {
-            # tensorstore (orbax's array data): plain HTTP to the emulator, a fixed token instead of a credential lookup.
+            # tensorstore (orbax array data): plain HTTP to the emulator, a fixed token, no credential lookup.
             "TENSORSTORE_GCS_HTTP_URL": self.url,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy",  # also read by TensorFlow's client: no metadata-server probe
             "NO_GCE_CHECK": "true",  # never wait for a GCE metadata server that is not there
@@ -109,24 +130,18 @@ class GcsEmulator:
             # etils.epath on gs:// through gcsfs (honours the emulator host) rather than tf.io.gfile (much slower).
             "EPATH_USE_TF": "false",
             # TensorFlow's GCS client has fixed https://*.googleapis.com endpoints: the TLS proxy answers for them.
-            "https_proxy": self._proxy.url, "HTTPS_PROXY": self._proxy.url,
-            "http_proxy": self._proxy.url, "HTTP_PROXY": self._proxy.url,  # stray plain-HTTP calls get a quick 403
+            "https_proxy": proxy, "HTTPS_PROXY": proxy,
+            "http_proxy": proxy, "HTTP_PROXY": proxy,  # stray plain-HTTP calls get a quick 403
             "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost",  # the emulator itself: direct
             "CURL_CA_BUNDLE": str(ca),  # TensorFlow's curl trusts the test CA that signed the proxy's certificate
         }
 
     def stop(self) -> None:
-        if self._proxy is not None:
-            self._proxy.stop()
-            self._proxy = None
-        if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._process = None
+        for process in (self._proxy, self._process):
+            if process is not None:
+                _stop(process)
+        self._proxy = self._process = None
+        if self._log is not None and not self._log.closed:
             self._log.close()
 
     def _wait_until_ready(self) -> None:
@@ -142,7 +157,7 @@ class GcsEmulator:
 
     def _log_tail(self) -> str:
         self._log.flush()
-        return (self.directory / "emulator.log").read_text(errors="replace")[-2000:]
+        return (self.directory / "servers.log").read_text(errors="replace")[-2000:]
 
     def _call(self, method: str, path: str, body: bytes | None = None) -> bytes:
         request = urllib.request.Request(self.url + path, data=body, method=method,
@@ -172,6 +187,10 @@ class GcsEmulator:
         fsspec reads its ``FSSPEC_*`` settings when first imported and caches filesystem instances, so both are
         refreshed here; gcsfs reads ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`` at import, so it must not be imported yet
         (or have been imported with the same setting)."""
+        gcsfs = sys.modules.get("gcsfs")
+        if gcsfs is not None and gcsfs.GCSFileSystem.__name__ != "GCSFileSystem":
+            raise RuntimeError("gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set: each call "
+                               "would first probe a gRPC API the emulator does not have")
         saved = {key: os.environ.get(key) for key in self.env}
         os.environ.update(self.env)
         self._refresh_fsspec()

@@ -8,11 +8,17 @@ emulator still tells ``storage.googleapis.com/<bucket>/<object>`` downloads from
 requests for those hosts are forwarded as well: the emulator's resumable-upload ``Location`` is
 ``http://www.googleapis.com/upload/...``, which TensorFlow then sends through ``http_proxy``.
 Listens on 127.0.0.1 only; every other host is refused.
+
+It runs as its own process (``python gcs_proxy.py --upstream-port ...``, started by :mod:`gcs_emulator`): TensorFlow
+calls that hold the GIL while they wait for the network (TFRecord writes) would deadlock a proxy thread in the test.
 """
 from __future__ import annotations
 
+import argparse
 import http.client
+import signal
 import ssl
+import sys
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -116,31 +122,29 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a handler thread still blocked on a socket does not keep the test process alive
+    daemon_threads = True  # a handler thread still blocked on a socket does not keep the process alive
     tls_context: ssl.SSLContext
     upstream: tuple[str, int]
 
 
-class GcsProxy:
-    """The proxy on ``127.0.0.1:<free port>``, serving from a background thread until :meth:`stop`."""
+def main(argv: list[str] | None = None) -> None:
+    """Serves until stdin closes (the test that started it ends, or dies) or SIGTERM; prints its port first."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--upstream-port", type=int, required=True, help="the emulator's port on 127.0.0.1")
+    parser.add_argument("--cert", required=True, help="PEM certificate for the intercepted hosts")
+    parser.add_argument("--key", required=True, help="its private key")
+    args = parser.parse_args(argv)
+    server = _Server(("127.0.0.1", 0), _Handler)
+    server.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.tls_context.load_cert_chain(args.cert, args.key)
+    server.upstream = ("127.0.0.1", args.upstream_port)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    # The parent holds our stdin open: EOF means it is gone, so a proxy never outlives its test.
+    threading.Thread(target=lambda: (sys.stdin.buffer.read(), server.shutdown()), daemon=True).start()
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+    server.server_close()
 
-    def __init__(self, upstream_port: int, cert_file: str, key_file: str):
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._server.tls_context.load_cert_chain(cert_file, key_file)
-        self._server.upstream = ("127.0.0.1", upstream_port)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="gcs-proxy", daemon=True)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def start(self) -> GcsProxy:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
-
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 emulator holds (checked through the emulator's own API) and reads back what the emulator holds.
 
 Clients: orbax (tensorstore for array data, etils.epath for directories), etils.epath (gcsfs), and TensorFlow's
-own GCS filesystem (``tf.io.gfile``, clu's TensorBoard writer) through the local TLS proxy.
+own GCS filesystem (``tf.io.gfile``, clu's TensorBoard writer, TFDS shards) through the local TLS proxy.
 """
 import json
 import socket
@@ -86,6 +86,31 @@ def test_clu_writer_puts_tensorboard_events_in_the_bucket(in_gcs, tmp_path):
     assert values == [(3, "loss", 0.25)]
 
 
+def test_tfds_prepares_and_reads_a_dataset_in_the_bucket(in_gcs):
+    """TFRecord shards written and read by TensorFlow (through the proxy), metadata by etils.epath (gcsfs)."""
+    import tensorflow_datasets as tfds
+
+    class GcsCheckTiny(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"id": np.int64}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i in range(10):
+                yield i, {"id": i}
+
+    builder = GcsCheckTiny(data_dir="gs://bucket/checks/tfds")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    shards = [n for n in in_gcs.objects("checks/tfds/gcs_check_tiny/1.0.0/") if ".tfrecord-" in n]
+    assert len(shards) == 1, in_gcs.objects("checks/tfds/")
+    ids = sorted(int(x["id"]) for x in tfds.as_numpy(builder.as_dataset(split="train")))
+    assert ids == list(range(10))
+
+
 def test_proxy_refuses_other_hosts(gcs):
     proxy = gcs.env["http_proxy"]
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy}))
@@ -99,7 +124,7 @@ def test_emulator_starts_and_stops_with_its_context(tmp_path):
         with socket.create_connection(("127.0.0.1", emulator.port), timeout=5):
             pass
         assert emulator.objects() == []
-        process = emulator._process
-    assert process.poll() is not None  # the server process has exited
+        processes = emulator._process, emulator._proxy
+    assert all(p.poll() is not None for p in processes)  # the emulator and the proxy have exited
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", emulator.port), timeout=5).close()

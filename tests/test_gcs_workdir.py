@@ -14,8 +14,9 @@ import signal
 import subprocess
 import sys
 
-from swin_ssl import checkpoint
-from test_reliability import CONFIGS, ROOT, _assert_trees_identical, _finish, _train_py
+from test_reliability import CONFIGS, ROOT, _assert_trees_identical, _finish, _train_py  # puts ROOT on sys.path
+
+from swin_ssl import checkpoint  # noqa: E402
 
 CONFIG = os.path.join(ROOT, CONFIGS["moby"])  # absolute: the runs on gs:// start in an empty directory
 RUN = "gs://bucket/run"
