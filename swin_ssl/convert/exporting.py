@@ -115,9 +115,8 @@ def export_workdir(workdir: str, path: str, network: str = "default", step: int 
     ckpt = checkpoint.load_backbones(workdir, step)
     if network not in ("online", "target", "default"):
         raise ConversionError(f"network must be online, target or default, got {network!r}")
-    meta, cfg = ckpt["meta"], ckpt["meta"].get("config") or {}
-    kwargs = dict((cfg.get("model") or {}).get("overrides") or {})
-    if (cfg.get("data") or {}).get("image_size"):
-        kwargs["img_size"] = int(cfg["data"]["image_size"])
-    export_backbone({"params": ckpt[network]}, meta["model"], path, kwargs, attn_mask)
+    from swin_ssl.models import from_config
+    meta = ckpt["meta"]
+    module = from_config(meta["config"]["model"], meta["config"]["data"]["image_size"])
+    export_backbone({"params": ckpt[network]}, module, path, attn_mask=attn_mask)
     return meta

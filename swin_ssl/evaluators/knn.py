@@ -186,10 +186,9 @@ _IN_TRAINING: dict[str, KnnEvaluator] = {}
 
 def training_model(config: Any):
     """The backbone as the trainer builds it from a training config (name, ``model.overrides``, image size)."""
-    from swin_ssl.models import create_model
+    from swin_ssl.models import from_config
 
-    overrides = dict(config.model.get("overrides") or {})
-    return create_model(config.model.name, num_classes=0, img_size=int(config.data.image_size), **overrides)
+    return from_config(config.model, int(config.data.image_size))
 
 
 def eval_dataset_for(config: Any, train_examples: int | None, test_examples: int | None,

@@ -40,21 +40,16 @@ def build_model(config: Any, meta: dict | None = None):
     ``model.overrides``, ``img_size`` = training image size, from the checkpoint's meta) unless the eval config
     names another model; ``model.norm_eps`` / ``window_size`` / ``img_size`` / ``drop_path_rate`` set in the eval
     config win. A model that does not fit the checkpoint is caught by the strict parameter check."""
-    from swin_ssl.models import create_model
+    from swin_ssl.models import from_config
 
     meta = meta or {}
     train_cfg = meta.get("config") or {}
-    train_model = train_cfg.get("model") or {}
     name = model_name(config, meta)
-    overrides: dict[str, Any] = {}
-    if name == train_model.get("name"):
-        overrides.update(train_model.get("overrides") or {})
-        if (train_cfg.get("data") or {}).get("image_size"):
-            overrides["img_size"] = int(train_cfg["data"]["image_size"])
-    overrides.update({k: config.model[k] for k in ("norm_eps", "window_size", "img_size", "drop_path_rate")
-                      if config.model.get(k) is not None})
-    overrides["num_classes"] = 0
-    return create_model(name, **overrides)
+    fields = {k: config.model[k] for k in ("norm_eps", "window_size", "img_size", "drop_path_rate")
+              if config.model.get(k) is not None}
+    if name != (train_cfg.get("model") or {}).get("name"):  # another model than the checkpoint's: its own preset
+        return from_config({"name": name}, None, **fields)
+    return from_config(train_cfg["model"], (train_cfg.get("data") or {}).get("image_size"), **fields)
 
 
 def model_name(config: Any, meta: dict | None = None) -> str:

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from swin_ssl.models import DINOHead, create_model
+from swin_ssl.models import DTYPES, DINOHead, from_config
 from swin_ssl.models.heads import l2_normalize
 from swin_ssl.objectives import multicrop
 from swin_ssl.train.state import Objective, TrainState, copy_tree, ema_update, identity_update
@@ -221,22 +221,17 @@ def matched_entropy(probs: jax.Array, idx: jax.Array, weights: np.ndarray) -> ja
 # ------------------------------------------------------------------------------------------------
 # The objective.
 
-def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-
-
 def build_networks(config: ml_collections.ConfigDict):
     """Student backbone (drop path), teacher backbone (no drop path) and the DINO head definition.
 
     ``head`` and ``head_dense`` (EsViT's region head) are the same module definition with separate parameters.
     """
     m, d = config.model, config.dino
-    common = dict(num_classes=0, dtype=_dtype(m.dtype), remat=bool(m.get("remat", False)),
-                  **dict(m.get("overrides", {}) or {}))
-    student = create_model(m.name, drop_path_rate=float(m.drop_path_rate), **common)
-    teacher = create_model(m.name, drop_path_rate=float(m.target_drop_path_rate), **common)
+    size, dtype, remat = int(config.data.image_size), DTYPES[m.dtype], bool(m.get("remat", False))
+    student = from_config(m, size, dtype=dtype, remat=remat, drop_path_rate=float(m.drop_path_rate))
+    teacher = from_config(m, size, dtype=dtype, remat=remat, drop_path_rate=float(m.target_drop_path_rate))
     head = DINOHead(out_dim=int(d.out_dim), hidden_dim=int(d.hidden_dim), bottleneck_dim=int(d.bottleneck_dim),
-                    num_layers=int(d.num_layers), norm_last_layer=bool(d.norm_last_layer), dtype=_dtype(m.dtype))
+                    num_layers=int(d.num_layers), norm_last_layer=bool(d.norm_last_layer), dtype=dtype)
     return student, teacher, head
 
 

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from swin_ssl.models import MoBYMLP, create_model
+from swin_ssl.models import DTYPES, MoBYMLP, from_config
 from swin_ssl.models.heads import l2_normalize
 from swin_ssl.train.state import Objective, TrainState, copy_tree, ema_update, identity_update
 
@@ -115,19 +115,13 @@ def _merge_running_stats(per_view: list) -> PyTree:
 # ------------------------------------------------------------------------------------------------
 # The objective.
 
-def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-
-
 def build_networks(config: ml_collections.ConfigDict, axis_name: str | None = None):
     """Online encoder, target encoder (no drop path), projector and predictor modules from the config."""
     m, mb = config.model, config.moby
-    # img_size decides Swin's per-stage windows/shifts (and ViT's position-embedding grid).
-    common = dict(num_classes=0, dtype=_dtype(m.dtype), img_size=int(config.data.image_size),
-                  remat=bool(m.get("remat", False)), **dict(m.get("overrides") or {}))
-    online = create_model(m.name, drop_path_rate=m.drop_path_rate, **common)
-    target = create_model(m.name, drop_path_rate=m.target_drop_path_rate, **common)
-    heads = dict(axis_name=axis_name, dtype=_dtype(m.dtype))
+    size, dtype, remat = int(config.data.image_size), DTYPES[m.dtype], bool(m.get("remat", False))
+    online = from_config(m, size, dtype=dtype, remat=remat, drop_path_rate=float(m.drop_path_rate))
+    target = from_config(m, size, dtype=dtype, remat=remat, drop_path_rate=float(m.target_drop_path_rate))
+    heads = dict(axis_name=axis_name, dtype=dtype)
     projector = MoBYMLP(hidden_dim=mb.proj_hidden_dim, out_dim=mb.proj_dim, num_layers=mb.proj_layers, **heads)
     predictor = MoBYMLP(hidden_dim=mb.pred_hidden_dim, out_dim=mb.proj_dim, num_layers=mb.pred_layers, **heads)
     return online, target, projector, predictor

@@ -103,10 +103,9 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
 
 
 def _model(config: ml_collections.ConfigDict):
-    from swin_ssl.models import create_model  # cheap: building a module does not initialise it
+    from swin_ssl.models import from_config  # cheap: building a module does not initialise it
 
-    overrides = dict(config.model.get("overrides") or {})
-    return create_model(config.model.name, **{"num_classes": 0, "img_size": int(config.data.image_size), **overrides})
+    return from_config(config.model, int(config.data.image_size))
 
 
 def check_resolution(config: ml_collections.ConfigDict, model) -> None:
