@@ -17,11 +17,8 @@ import argparse
 import os
 import resource
 import statistics
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 PYTORCH_BASELINE = {  # official Transformer-SSL MoBY step, Swin-T 224, batch 8, fp32, AdamW + clip, 2-vCPU CI machine
     ("swin_tiny", 224, 8, "float32"): 0.97,
@@ -43,7 +40,8 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from configs import moby_swin_tiny
+    from swin_ssl.config_files import config_module
+    moby_swin_tiny = config_module("moby_swin_tiny")
     from swin_ssl.train import loop, validate
 
     c = moby_swin_tiny.get_config(args.preset)

@@ -34,17 +34,13 @@ Example::
     python train.py --config configs/esvit_swin_tiny.py:paper300 --workdir runs/esvit_swin_t \
         --config.data.data_dir=/data/tfds
 """
-import os
-import sys
 
 import ml_collections
 from ml_collections import config_dict
 
-try:
-    from configs import common
-except ImportError:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import common
+from swin_ssl.config_files import config_module  # sibling config files, from any working directory
+
+common = config_module("common")
 
 DINO_MIN_LR = 1e-6
 

@@ -18,18 +18,12 @@ and no stochastic depth: expect somewhat lower numbers). ``linear.lrs``: base le
 (vmapped classifiers); empty = the protocol's single base lr. The reported ``linear/top1`` is the best test accuracy
 over epochs (as EsViT/DINO/MoBY report it) of the best lr -- optimistic, like the papers' numbers.
 """
-import os
-import sys
-
 import ml_collections
 
-try:
-    from configs import knn as knn_config
-except ImportError:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import knn as knn_config
-
+from swin_ssl.config_files import config_module  # sibling config files, from any working directory
 from swin_ssl.evaluators.linear import protocol_defaults
+
+knn_config = config_module("knn")
 
 
 def _linear_block(protocol: str, **kw) -> ml_collections.ConfigDict:

@@ -20,14 +20,9 @@ Example::
     python train.py --config configs/moby_swin_tiny.py --config.data.name=image_folder \
         --config.data.data_dir=/data/imagenet/train --workdir runs/moby
 """
-import os
-import sys
+from swin_ssl.config_files import config_module  # sibling config files, from any working directory
 
-try:
-    from configs import common
-except ImportError:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import common
+common = config_module("common")
 
 
 def _paper300(c):

@@ -24,3 +24,8 @@ def fmnist_stub_dir(tmp_path):
                  "t10k-labels-idx1-ubyte.gz"):
         (tmp_path / name).touch()
     return str(tmp_path)
+
+
+from swin_ssl.config_files import configs_package  # noqa: E402
+
+configs_package()  # the tests import the top-level configs (``from configs import knn``) like train.py does

@@ -1,8 +1,6 @@
 """EsViT/DINO optimizer recipe (``configs/esvit_*``, built by ``swin_ssl/train/optim.py``) against the official
 schedules re-derived in NumPy: lr and weight-decay schedules, per-parameter clipping at 3.0, and the last layer
 frozen (no update, no weight decay) during the first epoch."""
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +8,6 @@ import numpy as np
 import optax
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dino_vit_small, esvit_swin_tiny  # noqa: E402
 from swin_ssl.train import optim  # noqa: E402
 

@@ -1,12 +1,9 @@
 """EsViT / DINO configs: every preset loads and validates, the recipes hold the README values, and the objective
 builds the official parameter counts (shapes only, nothing compiled)."""
-import os
-import sys
 
 import jax
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dino_vit_small, esvit_swin_base, esvit_swin_small, esvit_swin_tiny  # noqa: E402
 from swin_ssl.objectives import dino  # noqa: E402
 from swin_ssl.train import validate as validate_lib  # noqa: E402

@@ -3,14 +3,12 @@ multi-crop batches, the objective's schedules and health metrics, checkpoints, a
 import glob
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from configs import dino_vit_small, esvit_swin_tiny  # noqa: E402
 from swin_ssl import checkpoint  # noqa: E402

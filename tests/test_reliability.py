@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from configs import esvit_swin_tiny, moby_swin_tiny  # noqa: E402
 from swin_ssl import checkpoint  # noqa: E402

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from configs import moby_deit_small, moby_swin_tiny  # noqa: E402
 from swin_ssl import checkpoint  # noqa: E402
