@@ -29,7 +29,8 @@ def dataset(name: str, image_size: int, **kw) -> ml_collections.ConfigDict:
     """The ``config.dataset`` block (read by swin_ssl.evaluators.datasets / swin_ssl.data)."""
     d = dict(name=name, data_dir="", image_size=image_size, train_split="train", test_split="test",
              train_examples=config_dict.placeholder(int), test_examples=config_dict.placeholder(int),
-             subset_seed=0, num_classes=config_dict.placeholder(int), synthetic_train=256, synthetic_test=64)
+             subset_seed=0, num_classes=config_dict.placeholder(int), synthetic_train=256, synthetic_test=64,
+             eval_interpolation="bicubic")  # DINO/EsViT's eval resize; MoBY's is bilinear (``moby_eval``)
     d.update(kw)
     return ml_collections.ConfigDict(d)
 
@@ -79,8 +80,15 @@ def _dino(c):
     c.model.norm_eps = 1e-6
 
 
-def _moby(c):
+def moby_eval(c: ml_collections.ConfigDict) -> None:
+    """MoBY's evaluation: the online encoder; images resized to ``size + 32`` with torchvision's default (bilinear)
+    interpolation, then centre-cropped (docs/fidelity.md)."""
     c.network = "online"
+    c.dataset.eval_interpolation = "bilinear"
+
+
+def _moby(c):
+    moby_eval(c)
 
 
 PRESETS = {"esvit": _esvit, "dino": _dino, "moby": _moby,

@@ -53,6 +53,7 @@ def _dino(c):
 
 def _moby(c):
     _apply_protocol(c, "moby")
+    knn_config.moby_eval(c)
     c.model.drop_path_rate = 0.2  # stochastic depth stays active in MoBY's frozen backbone (train mode)
 
 

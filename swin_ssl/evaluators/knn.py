@@ -199,7 +199,8 @@ def eval_dataset_for(config: Any, train_examples: int | None, test_examples: int
 
     d = dict(name=config.data.name, data_dir=config.data.get("data_dir", "") or "",
              image_size=int(config.data.image_size), train_split="train", test_split="validation",
-             train_examples=train_examples, test_examples=test_examples, subset_seed=0)
+             train_examples=train_examples, test_examples=test_examples, subset_seed=0,
+             eval_interpolation=config.data.get("eval_interpolation", "bicubic"))  # the objective's eval resize
     if config.data.name == "synthetic":
         d.update(num_classes=4, synthetic_train=train_examples or 64, synthetic_test=test_examples or 32)
     d.update(dict(dataset or {}))
