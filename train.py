@@ -10,6 +10,7 @@ config field; a misspelt key fails (``lock_config=True``). Logs: TensorBoard eve
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from swin_ssl.config_files import parse_flags
 from swin_ssl.train.loop import train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -26,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)  # a mistyped --config.x=y override: one line, no traceback

@@ -36,9 +36,10 @@ Example::
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from swin_ssl.config_files import config_module  # sibling config files, from any working directory
+from swin_ssl.objectives import dino
+from swin_ssl.train import optim
 
 common = config_module("common")
 
@@ -73,23 +74,19 @@ def esvit_config(model: str, *, objective: str = "esvit", epochs: int = 300, bat
     c.model = ml_collections.ConfigDict(dict(name=model, drop_path_rate=drop_path, target_drop_path_rate=0.0,
                                              dtype="float32", remat=False, overrides=overrides))
     c.dino = ml_collections.ConfigDict(dict(
-        out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3, norm_last_layer=norm_last_layer,
-        region=objective == "esvit", view_weight=0.5, region_weight=0.5,
-        teacher_temp=teacher_temp, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
-        student_temp=0.1, center_momentum=0.9, momentum=0.996,
-        region_chunk_size=17,  # 170 student tokens per image (2x49 + 8x9) -> 10 chunks
-    ))
+        dino.DEFAULTS, norm_last_layer=norm_last_layer, region=objective == "esvit", teacher_temp=teacher_temp,
+        warmup_teacher_temp_epochs=warmup_teacher_temp_epochs))
     c.data = multicrop_data("imagenet2012", 224, common.IMAGENET_TRAIN_EXAMPLES, num_local=8, local_size=96)
     common.add_duration_fields(c, batch_size=batch_size, epochs=epochs, warmup_epochs=10)
-    c.optim = ml_collections.ConfigDict(dict(
+    c.optim = optim.defaults()
+    c.optim.update(dict(
         base_lr=5e-4, warmup_lr=0.0, min_lr=DINO_MIN_LR, scale_min_lr=False, lr_batch_base=256,
-        cosine_from_start=False,  # DINO's cosine_scheduler: the cosine starts at the peak after warm-up
-        b1=0.9, b2=0.999, eps=1e-8,
+        cosine_from_start=False,  # DINO's cosine_scheduler: linspace warm-up, then the cosine from the peak
         weight_decay=0.04, weight_decay_end=0.4,
         clip_mode="per_param", clip_norm=3.0,
-        no_decay_keywords=(),  # biases and 1-D params only (relative_position_bias_table is decayed, trap T13)
+        no_decay_keywords=(),  # biases and 1-D params only (the relative-position tables are decayed)
         decay_keywords=("scale_g",),  # official weight_g is [out, 1], hence decayed when trainable
-        freeze_patterns=("last_layer",), freeze_epochs=1.0, freeze_steps=config_dict.placeholder(int),
+        freeze_patterns=("last_layer",), freeze_epochs=1.0,
     ))
     return common.add_run_fields(c)
 

@@ -30,9 +30,34 @@ import jax
 import numpy as np
 from absl import logging
 
+from swin_ssl import config_rules as rules
 from swin_ssl.evaluators import common, datasets, knn, linear, loading
 
 PyTree = Any
+MODES = ("knn", "linear")
+INITS = ("checkpoint", "params_file", "random_init")
+NETWORKS = ("online", "target", "default")
+
+
+def check(config: Any) -> None:
+    """The rules of an evaluation config (one-line ``ValueError`` naming the key), checked before loading."""
+    for key, allowed in (("mode", MODES), ("init", INITS), ("network", NETWORKS), ("feature", common.FEATURE_KINDS)):
+        if config[key] not in allowed:
+            rules.fail(key, config[key], f"must be one of {', '.join(allowed)}")
+    rules.positive("batch_size", config.batch_size)
+    rules.positive("dataset.image_size", config.dataset.image_size)
+    if config.feature == "last_blocks":
+        rules.positive("n_last_blocks", config.n_last_blocks)
+    if config.mode == "knn":
+        rules.positive("knn.temperature", config.knn.temperature)
+        rules.positive("knn.query_chunk", config.knn.query_chunk)
+        for k in config.knn.ks:
+            rules.positive("knn.ks", k)
+    else:
+        for key in ("epochs", "batch_size", "base_lr"):
+            rules.positive(f"linear.{key}", config.linear[key])
+        for lr in config.linear.get("lrs") or ():
+            rules.positive("linear.lrs", lr)
 
 
 def build_model(config: Any, meta: dict | None = None):
@@ -164,6 +189,7 @@ def describe(config: Any, info: dict) -> dict[str, Any]:
 
 def evaluate(config: Any, workdir: str) -> dict[str, float]:
     """Runs the configured evaluation, prints/logs the metrics, writes ``workdir/results.json`` + TensorBoard."""
+    check(config)
     t0 = time.perf_counter()
     mesh = common.data_mesh()
     if config.feature == "raw_pixels":

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from swin_ssl import config_rules as rules
 from swin_ssl.models import DTYPES, DINOHead, from_config
 from swin_ssl.models.heads import l2_normalize
 from swin_ssl.objectives import multicrop
@@ -220,6 +221,30 @@ def matched_entropy(probs: jax.Array, idx: jax.Array, weights: np.ndarray) -> ja
 
 # ------------------------------------------------------------------------------------------------
 # The objective.
+
+# ``config.dino``: the EsViT / DINO recipe (``main_esvit.py`` / ``main_dino.py`` defaults); the trainer's known keys.
+DEFAULTS = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3, norm_last_layer=False, region=True,
+                view_weight=0.5, region_weight=0.5, teacher_temp=0.07, warmup_teacher_temp=0.04,
+                warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9, momentum=0.996,
+                region_chunk_size=17)  # 170 student tokens per image (2x49 + 8x9) -> 10 chunks
+
+
+def check(config: ml_collections.ConfigDict, durations) -> None:
+    """The rules of ``config.dino`` (one-line ``ValueError`` naming the key); ``durations`` bounds the warm-up."""
+    d = config.dino
+    for key in ("out_dim", "hidden_dim", "bottleneck_dim", "num_layers"):
+        rules.positive(f"dino.{key}", d[key])
+    for key in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
+        rules.positive(f"dino.{key}", d[key])
+    for key in ("momentum", "center_momentum", "view_weight", "region_weight"):
+        rules.unit_interval(f"dino.{key}", d[key])
+    if int(d.region_chunk_size) < 0:
+        rules.fail("dino.region_chunk_size", d.region_chunk_size, "must be >= 0 (0: all tokens at once)")
+    epochs, per_epoch, total = int(d.warmup_teacher_temp_epochs), durations.steps_per_epoch, durations.total_steps
+    if epochs < 0 or epochs * per_epoch > total:
+        rules.fail("dino.warmup_teacher_temp_epochs", epochs, f"the teacher-temperature warm-up ({epochs} epochs of "
+                   f"{per_epoch} steps) must not be longer than the run ({total} steps)")
+
 
 def build_networks(config: ml_collections.ConfigDict):
     """Student backbone (drop path), teacher backbone (no drop path) and the DINO head definition.

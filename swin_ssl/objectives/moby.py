@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from swin_ssl import config_rules as rules
 from swin_ssl.models import DTYPES, MoBYMLP, from_config
 from swin_ssl.models.heads import l2_normalize
 from swin_ssl.train.state import Objective, TrainState, copy_tree, ema_update, identity_update
@@ -114,6 +115,24 @@ def _merge_running_stats(per_view: list) -> PyTree:
 
 # ------------------------------------------------------------------------------------------------
 # The objective.
+
+# ``config.moby``: the official recipe (Transformer-SSL ``configs/moby_*.yaml``); the trainer's known keys.
+DEFAULTS = dict(queue_size=4096, temperature=0.2, momentum=0.99, proj_dim=256, proj_hidden_dim=4096,
+                pred_hidden_dim=4096, proj_layers=2, pred_layers=2)
+
+
+def check(config: ml_collections.ConfigDict, durations) -> None:
+    """The rules of ``config.moby`` (one-line ``ValueError`` naming the key)."""
+    del durations  # MoBY's schedules need no bound beyond the run's
+    mb, batch = config.moby, int(config.batch_size)
+    queue = int(mb.queue_size)
+    if queue <= 0 or queue % batch:
+        rules.fail("moby.queue_size", queue, f"must be a positive multiple of the global batch_size ({batch})")
+    rules.positive("moby.temperature", mb.temperature)
+    rules.unit_interval("moby.momentum", mb.momentum)
+    for key in ("proj_dim", "proj_hidden_dim", "pred_hidden_dim", "proj_layers", "pred_layers"):
+        rules.positive(f"moby.{key}", mb[key])
+
 
 def build_networks(config: ml_collections.ConfigDict, axis_name: str | None = None):
     """Online encoder, target encoder (no drop path), projector and predictor modules from the config."""

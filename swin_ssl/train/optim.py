@@ -44,9 +44,47 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from ml_collections import config_dict
+
+from swin_ssl import config_rules as rules
 
 PyTree = Any
 Schedule = Callable[[jax.Array], jax.Array]
+CLIP_MODES = ("global", "per_param", "none")
+
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """A fresh ``config.optim`` block (its placeholders are never shared between configs): MoBY's AdamW recipe
+    (timm optimizer + scheduler), whose keys are the ones the trainer reads. The EsViT/DINO recipes change values."""
+    return ml_collections.ConfigDict(dict(
+        base_lr=1e-3, warmup_lr=5e-7, min_lr=5e-6, lr_batch_base=512,  # all scaled by batch_size / lr_batch_base
+        scale_min_lr=True,
+        cosine_from_start=True,  # timm CosineLRScheduler(warmup_prefix=False), stepped after each update
+        b1=0.9, b2=0.999, eps=1e-8,
+        weight_decay=0.05, weight_decay_end=config_dict.placeholder(float),  # None: constant
+        clip_mode="global", clip_norm=5.0,
+        no_decay_keywords=(),
+        decay_keywords=(),
+        freeze_patterns=(), freeze_epochs=0.0, freeze_steps=config_dict.placeholder(int),
+    ))
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """The rules of ``config.optim`` (one-line ``ValueError`` naming the key)."""
+    o = config.optim
+    for key in ("base_lr", "warmup_lr", "min_lr", "weight_decay", "freeze_epochs"):
+        rules.non_negative(f"optim.{key}", o[key])
+    if o.get("weight_decay_end") is not None:
+        rules.non_negative("optim.weight_decay_end", o.weight_decay_end)
+    rules.positive("optim.lr_batch_base", o.lr_batch_base)
+    rules.positive("optim.eps", o.eps)
+    for key in ("b1", "b2"):
+        rules.unit_interval(f"optim.{key}", o[key])
+    if o.clip_mode not in CLIP_MODES:
+        rules.fail("optim.clip_mode", o.clip_mode, "must be 'global', 'per_param' or 'none'")
+    if o.clip_mode != "none":
+        rules.positive("optim.clip_norm", o.clip_norm)
 
 
 # ------------------------------------------------------------------------------------------------
