@@ -26,10 +26,11 @@ from typing import Sequence
 
 import numpy as np
 
+from swin_ssl import normalization
 from swin_ssl.convert.modules import input_size  # light: imports the models only when called
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # ImageNet statistics, as the data pipeline normalises
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+MEAN = np.array(normalization.IMAGENET_MEAN, np.float32)  # as the data pipeline normalises
+STD = np.array(normalization.IMAGENET_STD, np.float32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -74,7 +74,6 @@ def test_select_network_in_a_train_state():
              "target_params": {"backbone": target, "projector": proj}}
     assert loading.select_network(state, "online") is online
     assert loading.select_network(state, "target") is target
-    assert loading.select_network({"state": state}, "target") is target
     assert loading.select_network({"params": online}, "target") is online  # imported backbone: no network level
     with pytest.raises(loading.ParamMismatchError, match="no target"):
         loading.select_network({"step": 1, "params": {"backbone": online}, "opt_state": {}}, "target")

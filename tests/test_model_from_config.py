@@ -53,15 +53,16 @@ def test_export_of_a_run_uses_the_training_geometry(tmp_path, monkeypatch):
     block has a mask (at the preset's 32 px it would not)."""
     import jax
 
-    from swin_ssl import checkpoint
     from swin_ssl.convert import exporting, read_pth
+    from swin_ssl.evaluators import loading
 
     config = training_config("esvit")
     module = from_config(config.model, SIZE)
     params = jax.tree.map(np.asarray, module.init(jax.random.PRNGKey(0), np.zeros((1, SIZE, SIZE, 3)))["params"])
-    stored = {"online": params, "target": params, "default": params,
-              "meta": {"model": "swin_test", "eval_backbone": "target", "config": config.to_dict()}}
-    monkeypatch.setattr(checkpoint, "load_backbones", lambda workdir, step=None: stored)
+    state = {"params": {"backbone": params}, "target_params": {"backbone": params}}
+    meta = {"model": "swin_test", "eval_backbone": "target", "config": config.to_dict()}
+    (tmp_path / "checkpoints").mkdir()  # a training workdir (its checkpoint comes from the patched restore)
+    monkeypatch.setattr(loading, "restore_workdir", lambda workdir, step=None: (state, meta))
     path = str(tmp_path / "teacher.pth")
     exporting.export_workdir(str(tmp_path), path, attn_mask=True)
     state = read_pth(path)["model"]

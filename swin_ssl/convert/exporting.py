@@ -111,12 +111,9 @@ def export_workdir(workdir: str, path: str, network: str = "default", step: int 
                    attn_mask: bool = False) -> dict:
     """A training run's backbone (``network``: "online", "target" = EMA teacher, or "default" = the objective's
     evaluation choice) -> official ``{'model': ...}`` .pth; returns the run's meta."""
-    from swin_ssl import checkpoint
-    ckpt = checkpoint.load_backbones(workdir, step)
+    from swin_ssl.evaluators.loading import load_network
     if network not in ("online", "target", "default"):
         raise ConversionError(f"network must be online, target or default, got {network!r}")
-    from swin_ssl.models import from_config
-    meta = ckpt["meta"]
-    module = from_config(meta["config"]["model"], meta["config"]["data"]["image_size"])
-    export_backbone({"params": ckpt[network]}, module, path, attn_mask=attn_mask)
+    module, params, meta = load_network(workdir, network, step)
+    export_backbone({"params": params}, module, path, attn_mask=attn_mask)
     return meta

@@ -11,13 +11,16 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from swin_ssl import normalization
+from swin_ssl.train.parallel import make_mesh
 
 PyTree = Any
 Batch = Mapping[str, Any]
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGENET_MEAN = np.array(normalization.IMAGENET_MEAN, np.float32)
+IMAGENET_STD = np.array(normalization.IMAGENET_STD, np.float32)
 
 # Feature kinds an evaluator can read off the backbone (``model.apply`` returns ``(out, features)``):
 #   pooled       final-norm, average-pooled last-stage tokens (Swin) / normed CLS (ViT) -- k-NN, MoBY linear
@@ -26,12 +29,6 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 #   cls_avgpool  DINO's ViT-B variant: CLS of the last block ++ average of the final patch tokens
 #   raw_pixels   the flattened input image (baseline); see ``raw_pixel_features``
 FEATURE_KINDS = ("pooled", "last_blocks", "cls_avgpool", "raw_pixels")
-
-
-def data_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
-    """1-D ``("data",)`` mesh with ``AxisType.Auto`` (Swin's window reshapes fail under Explicit axes)."""
-    devices = np.asarray(list(devices) if devices is not None else jax.devices())
-    return Mesh(devices, ("data",), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -139,7 +136,7 @@ class FeatureExtractor:
     """
 
     def __init__(self, feature_fn: Callable[..., jax.Array], mesh: Mesh | None = None):
-        self.mesh = mesh if mesh is not None else data_mesh()
+        self.mesh = mesh if mesh is not None else make_mesh()
         self._feature_fn = feature_fn
         data, repl = row_sharded(self.mesh), replicated(self.mesh)
 

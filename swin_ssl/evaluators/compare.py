@@ -104,15 +104,8 @@ def linear_metrics(fs: FeatureSet, protocol: str, *, epochs: int = 100, batch_si
 
 def load_checkpoint_backbone(workdir: str, network: str = "default") -> tuple[Any, PyTree, dict]:
     """``(model, params, meta)`` of a training workdir's latest checkpoint (model built as the trainer did)."""
-    from swin_ssl.models import from_config
-
-    tree, meta = loading.restore_workdir(workdir)
-    network = meta.get("eval_backbone", "target") if network == "default" else network
-    size = int(meta["config"]["data"]["image_size"])
-    model = from_config(meta["config"]["model"], size)
-    params = loading.load_backbone(model, (size, size, 3), init="checkpoint", network=network, tree=tree,
-                                   what=f"{network} network of {workdir}")
-    return model, params, dict(meta, network=network, image_size=size)
+    model, params, meta = loading.load_network(workdir, network)
+    return model, params, dict(meta, image_size=int(meta["config"]["data"]["image_size"]))
 
 
 def random_init_like(model: Any, image_size: int, seed: int = 0) -> PyTree:

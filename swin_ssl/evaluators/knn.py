@@ -31,14 +31,15 @@ from absl import logging
 from jax.sharding import Mesh, PartitionSpec as P
 
 from swin_ssl.evaluators import common
+from swin_ssl.models.heads import l2_normalize
+from swin_ssl.train.parallel import make_mesh
 
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
 
 
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    return l2_normalize(x.astype(jnp.float32))  # cosine similarities in float32 whatever the feature dtype
 
 
 class FeatureBank:
@@ -46,7 +47,7 @@ class FeatureBank:
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None,
                  mesh: Mesh | None = None):
-        self.mesh = mesh if mesh is not None else common.data_mesh()
+        self.mesh = mesh if mesh is not None else make_mesh()
         features = np.asarray(features, np.float32)
         labels = np.asarray(labels, np.int32)
         mask = np.ones(len(labels), bool) if mask is None else np.asarray(mask, bool)
@@ -162,7 +163,7 @@ class KnnEvaluator:
                  test_batches: Callable[[], Iterable], *, num_classes: int, ks: Sequence[int] = DEFAULT_KS,
                  temperature: float = DEFAULT_TEMPERATURE, mesh: Mesh | None = None, query_chunk: int = 256,
                  precision: str = "highest", prefix: str = "knn/"):
-        self.mesh = mesh if mesh is not None else common.data_mesh()
+        self.mesh = mesh if mesh is not None else make_mesh()
         self.extractor = common.FeatureExtractor(feature_fn, self.mesh)
         self.train_batches, self.test_batches = train_batches, test_batches
         self.kwargs = dict(num_classes=num_classes, ks=tuple(ks), temperature=temperature, mesh=self.mesh,

@@ -32,6 +32,7 @@ from absl import logging
 
 from swin_ssl import config_rules as rules
 from swin_ssl.evaluators import common, datasets, knn, linear, loading
+from swin_ssl.train.parallel import make_mesh
 
 PyTree = Any
 MODES = ("knn", "linear")
@@ -191,7 +192,7 @@ def evaluate(config: Any, workdir: str) -> dict[str, float]:
     """Runs the configured evaluation, prints/logs the metrics, writes ``workdir/results.json`` + TensorBoard."""
     check(config)
     t0 = time.perf_counter()
-    mesh = common.data_mesh()
+    mesh = make_mesh()
     if config.feature == "raw_pixels":
         model, params, info = None, None, {}
     else:
