@@ -182,9 +182,6 @@ class KnnEvaluator:
         return metrics
 
 
-_IN_TRAINING: dict[str, KnnEvaluator] = {}
-
-
 def training_model(config: Any):
     """The backbone as the trainer builds it from a training config (name, ``model.overrides``, image size)."""
     from swin_ssl.models import from_config
@@ -217,20 +214,17 @@ def in_training_knn(config: Any, params: Mapping[str, Any], step: int, workdir: 
 
     Called by ``swin_ssl.train.loop`` as ``fn(config=..., params={"online", "target", "default"}, step=...,
     workdir=..., **config.evals.kwargs)`` every ``config.evals.every_steps`` steps; returns the k-NN metrics of
-    the chosen ``network`` on a fixed subset of the training config's data set (the evaluator, its data and its
-    compiled functions are built once and reused). ``train_examples`` / ``test_examples`` = None: whole splits.
+    the chosen ``network`` on a fixed subset of the training config's data set. Later calls reuse the loaded
+    subsets (``datasets.arrays``) and the compiled functions (jax.jit's cache: the feature function and the vote
+    are values). ``train_examples`` / ``test_examples`` = None: whole splits.
     """
+    from swin_ssl.evaluators import datasets
+
     del workdir
-    key = repr((id(config), config.model.name, feature, tuple(ks), temperature, train_examples, test_examples,
-                batch_size, query_chunk, sorted((dataset or {}).items()), prefix))
-    evaluator = _IN_TRAINING.get(key)
-    if evaluator is None:
-        data_cfg = eval_dataset_for(config, train_examples, test_examples, dataset)
-        from swin_ssl.evaluators import datasets
-        evaluator = make_in_training_knn(data_cfg, training_model(config), feature=feature, ks=ks,
-                                         temperature=temperature, batch_size=batch_size, query_chunk=query_chunk,
-                                         prefix=prefix, num_classes=datasets.num_classes(data_cfg))
-        _IN_TRAINING[key] = evaluator
+    data_cfg = eval_dataset_for(config, train_examples, test_examples, dataset)
+    evaluator = make_in_training_knn(data_cfg, training_model(config), feature=feature, ks=ks,
+                                     temperature=temperature, batch_size=batch_size, query_chunk=query_chunk,
+                                     prefix=prefix, num_classes=datasets.num_classes(data_cfg))
     metrics = evaluator(params[network])
     logging.info("k-NN (%s network) at step %d: %s", network, step,
                  {k: round(v, 3) for k, v in metrics.items() if "top" in k})
