@@ -2,7 +2,7 @@ r"""Fashion-MNIST quality benchmark: does self-supervised pretraining of a tiny 
 
 Pretrains ``swin_nano`` with MoBY and with EsViT through the trainer library (``--preset``, default ``fmnist30``:
 ``configs/moby_swin_tiny.py:fmnist30``, 5500 steps, and ``configs/esvit_swin_tiny.py:fmnist30``, 4800 steps, each
-sized for the issue's 30-minute budget on 2 idle cores; a config without the preset uses its ``demo``; ``--steps``
+sized for a 30-minute budget on 2 idle cores; a config without the preset uses its ``demo``; ``--steps``
 changes the length), then evaluates on the 10k test set, with the 60k training images as k-NN bank / linear-probe
 data:
 

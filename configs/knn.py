@@ -1,4 +1,4 @@
-r"""k-NN evaluation of a backbone (DINO/EsViT protocol, reference §3.6): ``python evaluate.py --config configs/knn.py``.
+r"""k-NN evaluation of a backbone (DINO/EsViT protocol): ``python evaluate.py --config configs/knn.py``.
 
 Weighted k-NN on L2-normalised pooled features, cosine similarity, weights exp(sim / 0.07), k in {10, 20, 100, 200}
 (the papers quote k = 20); every train image is in the bank, every test image queried once.
@@ -72,7 +72,7 @@ def tiny(c: ml_collections.ConfigDict, which: str) -> None:
 
 
 def _esvit(c):
-    c.model.norm_eps = 1e-6  # EsViT's Swin uses LayerNorm eps 1e-6 (reference §1.7)
+    c.model.norm_eps = 1e-6  # EsViT's Swin uses LayerNorm eps 1e-6
 
 
 def _dino(c):

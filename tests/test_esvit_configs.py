@@ -56,7 +56,7 @@ def _param_counts(config):
 
 
 # DINO head (in -> 2048 -> 2048 -> 256 -> 65536): Linear weights + biases, weight-normalised last layer (v, and g
-# [65536] when norm_last_layer=False). Backbones: Swin-T 27,519,354 (ssl_reference §1.1, no classifier), ViT-S
+# [65536] when norm_last_layer=False). Backbones: Swin-T 27,519,354 (no classifier), ViT-S
 # 21,665,664; Swin-T W14 has 729-row instead of 169-row bias tables in the 2+2+6 blocks of stages 1-3
 # (3, 6, 12 heads): + (729 - 169) * (2*3 + 2*6 + 6*12) = 50,400.
 def _head(d_in, g):
@@ -67,7 +67,7 @@ def _head(d_in, g):
 def test_esvit_parameter_counts(preset, backbone):
     counts, parts = _param_counts(esvit_swin_tiny.get_config(preset))
     assert counts == {"backbone": backbone, "head": _head(768, True), "head_dense": _head(768, True)}
-    assert _head(768, True) == 23_138_560  # ssl_reference §3.2
+    assert _head(768, True) == 23_138_560  # the official DINO head's parameter count
     assert set(parts["obj_state"]) == {"center", "center_grid"}
     assert parts["obj_state"]["center"].shape == (65536,)
 

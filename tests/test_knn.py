@@ -169,8 +169,8 @@ def test_in_training_knn_on_swin_matches_bruteforce():
 
 
 def test_raw_pixel_fashion_mnist_baseline():
-    """Cosine k-NN on raw pixels, full 60k bank / 10k queries: the baseline given in
-    ../shared/reference/data_and_baselines.md (85.8 % at k=1, 84.6 % at k=20), and at k=1 the same answer as
+    """Cosine k-NN on raw pixels, full 60k bank / 10k queries: the known
+    baseline (85.8 % at k=1, 84.6 % at k=20), and at k=1 the same answer as
     scikit-learn's brute-force cosine nearest neighbour (up to a few exact ties)."""
     try:
         train_x, train_y = datasets.fashion_mnist_raw("train")

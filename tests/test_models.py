@@ -49,7 +49,7 @@ def test_head_parameter_counts():
 
 
 # ------------------------------------------------------------------------------------------------
-# Geometry constants (ssl_reference.md §1.2-1.4)
+# Geometry constants of official Swin (relative-position index, shift masks, stage geometry)
 
 def test_relative_position_index_anchors():
     idx = swin_lib.relative_position_index(7)

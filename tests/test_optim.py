@@ -86,7 +86,7 @@ def test_weight_decay_mask():
     assert flat == {
         "backbone/patch_embed/proj/kernel": True, "backbone/patch_embed/proj/bias": False,
         "backbone/patch_embed/norm/scale": False, "backbone/patch_embed/norm/bias": False,
-        # MoBY decays the relative-position table (no no_weight_decay hook in the MoBY wrapper, trap T13).
+        # MoBY decays the relative-position table (no no_weight_decay hook in the MoBY wrapper).
         "backbone/attn/relative_position_bias_table": True,
         "backbone/attn/qkv/kernel": True, "backbone/attn/qkv/bias": False,
         "head/mlp_0/kernel": True, "head/mlp_0/bias": False, "head/last_layer/kernel_v": True,

@@ -60,7 +60,7 @@ def padded_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterato
     """Fixed-size batches over in-memory arrays; the last one is padded (zeros, label -1: the data contract) and
     ``mask`` marks the real rows.
 
-    A stand-in for the data engineer's eval pipelines on data that fits in memory (tests, Fashion-MNIST,
+    A stand-in for the ``swin_ssl.data`` eval pipelines on data that fits in memory (tests, Fashion-MNIST,
     cached features): same batch format ``{..., "mask"}`` and the same exactly-once guarantee.
     """
     n = len(next(iter(arrays.values())))

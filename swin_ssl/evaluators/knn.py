@@ -1,4 +1,4 @@
-"""Weighted k-NN classification of frozen features (the DINO / EsViT protocol, reference §3.6).
+"""Weighted k-NN classification of frozen features (the DINO / EsViT protocol; docs/fidelity.md).
 
 Protocol: features L2-normalised, cosine similarity to every training ("bank") example, the k most similar
 neighbours vote with weight ``exp(sim / T)`` (T = 0.07) for their label, the class with the largest summed

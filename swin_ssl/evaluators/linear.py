@@ -1,4 +1,4 @@
-"""Linear probe on a frozen backbone: the EsViT/DINO and MoBY protocols (reference §2.5, §3.7, §4, trap T14).
+"""Linear probe on a frozen backbone: the EsViT/DINO and MoBY protocols (docs/fidelity.md).
 
 Two protocols, selected by ``protocol`` in the config (``protocol_defaults``):
 
@@ -17,7 +17,7 @@ Two ways to feed it (``mode``):
   horizontal flip) and pushed through the frozen backbone inside the jitted step. Augmentation is done on the
   device from the eval batches (``random_resized_crop_flip``), or by a caller-supplied training pipeline.
 * ``cached`` -- the features of the centre-crop training images are extracted once and the classifier is
-  trained on them: far cheaper (DINO issue #141/#280) and what makes learning-rate sweeps affordable, but it
+  trained on them: far cheaper and what makes learning-rate sweeps affordable, but it
   is not the papers' protocol (no augmentation, no stochastic depth) and usually lands somewhat lower.
 
 Learning-rate sweeps cost little in both modes: the classifier parameters, optimizer state and learning rate

@@ -5,26 +5,26 @@ The objective, as the official ``facebookresearch/dino`` / ``microsoft/esvit`` c
 * student = backbone + ``head`` (+ ``head_dense`` for EsViT's region term), both :class:`DINOHead`; the teacher
   has the same definitions, no drop path, and its parameters are an EMA of the student's, updated **after**
   the optimizer step with ``m = 1 - (1 - 0.996) (cos(pi k / K) + 1) / 2`` per step, heads included.
-* the teacher sees only the 2 global crops, the student all ``V`` crops (trap T16). For every pair
+* the teacher sees only the 2 global crops, the student all ``V`` crops. For every pair
   (teacher crop ``iq`` in the globals, student crop ``v != iq``) -- ``n_pairs = 2 V - 2`` pairs:
 
   - view term: ``CE(softmax((t_iq - c) / tau_t), log_softmax(s_v / tau_s))``, mean over the batch;
   - region term (EsViT): for each token of student crop ``v``, the token of teacher crop ``iq`` with the highest
-    cosine similarity of the *backbone* tokens (argmax, no gradient, trap T23); cross-entropy between that
+    cosine similarity of the *backbone* tokens (argmax, no gradient); cross-entropy between that
     teacher token's ``softmax((t_region - c_grid) / tau_t)`` and the student token's ``log_softmax(s / tau_s)``,
     mean over the student tokens of ``v``, mean over the batch.
 
   loss = mean over pairs of ``0.5 view + 0.5 region`` (EsViT) or of ``view`` (DINO).
 * centers ``c`` (view) and ``c_grid`` (region): EMA(0.9) of the mean teacher head output over both global
   crops x the global batch, resp. over all teacher tokens; updated **after** the loss, which uses the previous
-  value (trap T18); init 0, kept in ``state.obj_state``.
+  value; init 0, kept in ``state.obj_state``.
 * teacher temperature 0.04 -> 0.07: ``np.linspace`` over the warm-up epochs, then constant, indexed by the
-  **epoch** (trap T19): epoch ``e < W`` gets ``0.04 + 0.03 e / (W - 1)``, so epoch ``W - 1`` already has 0.07.
+  **epoch**: epoch ``e < W`` gets ``0.04 + 0.03 e / (W - 1)``, so epoch ``W - 1`` already has 0.07.
   Student temperature 0.1.
 The optimizer side (AdamW lr/wd schedules, per-parameter clipping at 3.0, last layer frozen during the first
 epoch) belongs to ``swin_ssl/train/optim.py``.
 
-Memory (trap T24): the region head sees ``B (2*49 + 8*9) = 170 B`` student tokens x 65536 logits per step.
+Memory: the region head sees ``B (2*49 + 8*9) = 170 B`` student tokens x 65536 logits per step.
 :func:`region_loss_chunked` runs ``head_dense`` + log-softmax + cross-entropy over chunks of tokens in a
 ``lax.scan`` whose body is ``jax.checkpoint``-ed, so only one chunk's logits (forward and backward) are alive
 at a time; the chunk size is ``config.dino.region_chunk_size`` (0 = one shot). Logits are fp32 (the heads
@@ -354,6 +354,6 @@ def make_objective(config: ml_collections.ConfigDict, *, durations, axis_name: s
     return Objective(
         name="esvit" if dense else "dino", init=init, loss=loss, before_step=identity_update,
         after_step=after_step, schedules=schedules,
-        # EsViT/DINO evaluate the teacher (k-NN and linear), trap T14.
+        # EsViT/DINO evaluate the teacher (k-NN and linear); docs/fidelity.md
         eval_backbone="target",
     )

@@ -6,21 +6,21 @@ The objective, as the official ``Transformer-SSL/models/moby.py`` computes it (f
   (same definitions, drop path 0.0) whose *parameters* are an EMA of the online ones. Projector and predictor
   are :class:`~swin_ssl.models.heads.MoBYMLP` (in -> 4096 -> BN -> ReLU -> 256), with BatchNorm in batch-stats
   mode in *both* branches and statistics over the global batch of *one view* (the official code calls the
-  network once per view, trap T9). Target BN statistics come from the target's own forward; running
+  network once per view). Target BN statistics come from the target's own forward; running
   statistics are never EMA'd.
 * EMA **before** the key pass, so the keys use the pre-step online weights mixed in, over encoder+projector
   parameters only; momentum ``m = 1 - (1 - 0.99) * (cos(pi k / K) + 1) / 2`` with ``k`` the train step and ``K``
   the total number of steps. (The official code keeps ``k`` in a Python attribute set at construction, so a
-  resumed run restarts at 0.99 (trap T10); here ``k`` is ``state.step``, so it continues.)
-* loss = CE(q1 vs [k2, queue2]) + CE(q2 vs [k1, queue1]) at temperature 0.2, a **sum** of the two means
-  (trap T11); ``queue1`` holds target keys of view 1 and serves as negatives for view 2's prediction.
+  resumed run restarts at 0.99); here ``k`` is ``state.step``, so it continues.)
+* loss = CE(q1 vs [k2, queue2]) + CE(q2 vs [k1, queue1]) at temperature 0.2, a **sum** of the two means;
+  ``queue1`` holds target keys of view 1 and serves as negatives for view 2's prediction.
 * after the loss, the keys of the global batch are enqueued at ``ptr`` (``K % global_batch == 0``).
 
 Layout choices of this port:
 * queues are stored row-major ``[K, dim]`` (PyTorch: ``[dim, K]``), initialised as L2-normalised Gaussians;
 * both views go through each backbone in ONE call on the interleaved batch ``[b0v1, b0v2, b1v1, ...]`` (the
   backbones are per-sample networks -- LayerNorm only -- so this is the same math as two calls, traced once);
-  the heads are called once per view, so BatchNorm normalises each view over its own global batch (trap T9).
+  the heads are called once per view, so BatchNorm normalises each view over its own global batch.
   Interleaving (stack on axis 1, merge with the batch axis) keeps every example on the device that holds it
   under a batch-sharded jit. (Stacking views on a leading axis and ``vmap``-ing instead made XLA all-gather
   the images and compute the whole batch on every device: 8x the work on 8 devices, with identical numbers.)
@@ -232,6 +232,6 @@ def make_objective(config: ml_collections.ConfigDict, *, durations, axis_name: s
     return Objective(
         name="moby", init=init, loss=loss, before_step=before_step, after_step=identity_update,
         schedules=schedules,
-        # MoBY's linear protocol and downstream code use the online encoder (``encoder.*``), trap T14.
+        # MoBY's linear protocol and downstream code use the online encoder (``encoder.*``); docs/fidelity.md
         eval_backbone="online",
     )

@@ -3,7 +3,7 @@
 A multi-crop batch is a dict ``{"global0", "global1", "local0", ..., "local{N-1}"}`` of ``[B, H, W, C]``
 arrays (``swin_ssl/data``). The official wrappers (DINO's ``MultiCropWrapper``, EsViT's Swin ``forward``)
 group *consecutive* crops of equal width, concatenate each group on the batch axis, run the backbone once
-per group and concatenate the outputs crop-major (``[crop0 B, crop1 B, ...]``), globals first (trap T26).
+per group and concatenate the outputs crop-major (``[crop0 B, crop1 B, ...]``), globals first (the losses rely on that order).
 
 Here the crops of a group are interleaved *image-major* instead (``stack(axis=1)`` then merge ``[B, n]`` into
 ``B n``): one backbone call per group, the same per-sample arithmetic as the official concatenation (the

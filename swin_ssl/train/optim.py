@@ -165,7 +165,7 @@ def clip_by_per_param_norm(max_norm: float) -> optax.GradientTransformation:
     """Scale each gradient tensor to L2 norm <= ``max_norm`` independently (DINO/EsViT ``clip_gradients``).
 
     Not ``optax.clip_by_global_norm`` (one norm over all tensors) nor ``optax.clip_by_block_rms`` (RMS, not
-    L2). Same formula as the reference: ``g * min(1, max_norm / (||g|| + 1e-6))``.
+    L2). Same formula as EsViT/DINO's: ``g * min(1, max_norm / (||g|| + 1e-6))``.
     """
     def update(updates, state, params=None):
         del params

@@ -1,4 +1,4 @@
-"""The train state (design decision 2) and the small protocol an SSL objective implements.
+"""The train state (everything a resumed run needs, in one pytree) and the small protocol an SSL objective implements.
 
 Everything a step reads or writes lives in one pytree, :class:`TrainState`, so that a step is a pure
 function ``(state, batch) -> (state, metrics)``, the whole state can be donated, sharded, checkpointed

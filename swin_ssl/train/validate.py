@@ -63,7 +63,7 @@ def _steps(config, name: str, steps_per_epoch: int) -> int | None:
 
 
 def durations(config: ml_collections.ConfigDict) -> Durations:
-    """Epochs -> steps with ``steps_per_epoch = num_train_examples // batch_size`` (drop_last, as the reference)."""
+    """Epochs -> steps with ``steps_per_epoch = num_train_examples // batch_size`` (drop_last, as the official loaders)."""
     per_epoch = max(int(config.data.num_train_examples) // int(config.batch_size), 1)
     total = _steps(config, "total", per_epoch)
     warmup = _steps(config, "warmup", per_epoch) or 0
