@@ -32,7 +32,6 @@ accumulate in fp32 even with bf16 matmuls), so the log-softmax is always fp32.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -44,7 +43,8 @@ from swin_ssl import config_rules as rules
 from swin_ssl.models import DTYPES, DINOHead, from_config
 from swin_ssl.models.heads import l2_normalize
 from swin_ssl.objectives import multicrop
-from swin_ssl.train.state import Objective, TrainState, copy_tree, ema_update, identity_update
+from swin_ssl.train.state import (Objective, TrainState, copy_tree, cosine_momentum, ema_update,
+                                  identity_update)
 
 PyTree = Any
 
@@ -69,8 +69,7 @@ def teacher_temperature(step: jax.Array, steps_per_epoch: int, warmup_temp: floa
 
 def teacher_momentum(step: jax.Array, total_steps: int, base: float = 0.996) -> jax.Array:
     """``1 - (1 - base) (cos(pi step / total) + 1) / 2`` (official ``cosine_scheduler(base, 1, ...)[step]``)."""
-    progress = jnp.minimum(jnp.asarray(step, jnp.float32) / float(max(total_steps, 1)), 1.0)
-    return 1.0 - (1.0 - base) * (jnp.cos(math.pi * progress) + 1.0) / 2.0
+    return cosine_momentum(step, total_steps, base)
 
 
 # ------------------------------------------------------------------------------------------------

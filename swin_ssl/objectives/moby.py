@@ -30,7 +30,6 @@ Layout choices of this port:
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -40,7 +39,8 @@ import ml_collections
 from swin_ssl import config_rules as rules
 from swin_ssl.models import DTYPES, MoBYMLP, from_config
 from swin_ssl.models.heads import l2_normalize
-from swin_ssl.train.state import Objective, TrainState, copy_tree, ema_update, identity_update
+from swin_ssl.train.state import (Objective, TrainState, copy_tree, cosine_momentum, ema_update,
+                                  identity_update)
 
 PyTree = Any
 VIEWS = ("view1", "view2")
@@ -51,8 +51,7 @@ VIEWS = ("view1", "view2")
 
 def momentum_schedule(step: jax.Array, total_steps: int, base: float = 0.99) -> jax.Array:
     """``1 - (1 - base) * (cos(pi * step / total) + 1) / 2``: ``base`` at step 0, 1.0 at ``total_steps``."""
-    progress = jnp.minimum(jnp.asarray(step, jnp.float32) / float(max(total_steps, 1)), 1.0)
-    return 1.0 - (1.0 - base) * (jnp.cos(math.pi * progress) + 1.0) / 2.0
+    return cosine_momentum(step, total_steps, base)
 
 
 def init_queues(rng: jax.Array, size: int, dim: int) -> dict:

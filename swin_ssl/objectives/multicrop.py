@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping, Sequence
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,14 +82,14 @@ def multicrop_forward(apply_fn: Callable[..., tuple[jax.Array, dict]], crops: Se
     keys = None if rng is None else jax.random.split(rng, len(groups))
     pooled, tokens, counts = [], [], []
     for g, (start, end) in enumerate(groups):
-        n, b = end - start, crops[start].shape[0]
-        images = jnp.stack(crops[start:end], axis=1)  # [B, n, H, W, C]: image-major (see the module docstring)
-        _, feats = apply_fn(images.reshape((b * n,) + images.shape[2:]), None if keys is None else keys[g])
-        pooled.append(jnp.moveaxis(feats["pooled"].reshape(b, n, -1), 1, 0))  # [n, B, D]
-        if with_tokens:
-            _, h, w, d = feats["tokens"].shape  # [B n, h, w, D] -> [B, n h w, D], crop-major inside an image
-            tokens.append(feats["tokens"].reshape(b, n * h * w, d))
-            counts += [h * w] * n
+        n = end - start
+        # image-major batch (see the module docstring): the n crops of one image are neighbours
+        images = einops.rearrange(jnp.stack(crops[start:end]), "n b h w c -> (b n) h w c")
+        _, feats = apply_fn(images, None if keys is None else keys[g])
+        pooled.append(einops.rearrange(feats["pooled"], "(b n) d -> n b d", n=n))
+        if with_tokens:  # crop-major inside an image
+            tokens.append(einops.rearrange(feats["tokens"], "(b n) h w d -> b (n h w) d", n=n))
+            counts += [feats["tokens"].shape[1] * feats["tokens"].shape[2]] * n
     pooled = jnp.concatenate(pooled, axis=0)
     if not with_tokens:
         return pooled, None, ()
