@@ -129,10 +129,7 @@ def cosine_between(start: float, end: float, total_steps: int) -> Schedule:
 
 def path_str(path) -> str:
     """``(DictKey('backbone'), DictKey('norm'), ...)`` -> ``"backbone/norm/..."``."""
-    parts = []
-    for k in path:
-        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-    return "/".join(parts)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def weight_decay_mask(params: PyTree, no_decay_keywords: Sequence[str] = (),
