@@ -181,8 +181,7 @@ WORKER = r"""
 import json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, {root!r})
-from configs import moby_swin_tiny
+from configs import moby_swin_tiny  # the worker runs in the repository root (``python -c``: cwd first on the path)
 from swin_ssl.train import loop
 
 process_id = int(sys.argv[1])

@@ -15,7 +15,7 @@ from swin_ssl import config_rules as rules
 # config.objective -> swin_ssl.objectives.<module>; the objective's settings live in config.<module>, whose
 # ``DEFAULTS`` are its known keys and whose ``check(config, durations)`` holds its rules.
 OBJECTIVE_MODULES = {"moby": "moby", "esvit": "dino", "dino": "dino"}
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling
 NONFINITE_POLICIES = ("stop", "skip")
 
 # The trainer's own keys (``configs/common.py`` documents them); the model, optimizer, data and objective blocks
@@ -102,16 +102,16 @@ def _model(config: ml_collections.ConfigDict):
 
 
 def check_model(config: ml_collections.ConfigDict) -> None:
-    """The model block: a known name, a dtype the trainer supports, stochastic-depth rates in [0, 1)."""
+    """The model block: a known name, a dtype the trainer supports, stochastic-depth rates in [0, 1]."""
     from swin_ssl.models import MODEL_NAMES
 
     m = config.model
     if m.name not in MODEL_NAMES:
         _fail("model.name", m.name, f"unknown model; known: {', '.join(MODEL_NAMES)}")
-    if m.dtype not in DTYPES:
-        _fail("model.dtype", m.dtype, f"must be one of {', '.join(DTYPES)}")
     if m.dtype == "float16":
         _fail("model.dtype", m.dtype, "float16 needs loss scaling, which the trainer does not do; use bfloat16")
+    if m.dtype not in DTYPES:
+        _fail("model.dtype", m.dtype, f"must be one of {', '.join(DTYPES)}")
     for key in ("drop_path_rate", "target_drop_path_rate"):
         rules.unit_interval(f"model.{key}", m[key])
 
