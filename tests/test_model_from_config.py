@@ -76,3 +76,22 @@ def test_overrides_and_fields_take_precedence():
     assert (m.img_size, m.window_size, m.drop_path_rate, m.num_classes) == (SIZE, 2, 0.1, 0)
     assert from_config({"name": "swin_test", "overrides": {"img_size": 48}}, SIZE).img_size == 48
     assert from_config({"name": "swin_test"}, None).img_size == create_model("swin_test").img_size
+
+
+def test_a_converted_file_for_the_size_is_evaluated_with_its_geometry(tmp_path):
+    """Converting official weights for 64 px (``--img-size 64``) stores the size; the evaluators' loader rebuilds
+    the backbone from the file's meta with the 64-px geometry."""
+    import jax
+
+    from swin_ssl import convert
+    from swin_ssl.evaluators import loading
+
+    module = create_model("swin_test", img_size=SIZE)
+    variables = module.init(jax.random.PRNGKey(0), np.zeros((1, SIZE, SIZE, 3)))
+    official = {k: np.asarray(v) for k, v in convert.export_slot(jax.device_get(variables), module=module).items()}
+    converted = convert.import_state(official, "swin_test", model_kwargs={"img_size": SIZE})
+    path = str(tmp_path / "swin_test_64.msgpack")
+    convert.save_converted(converted, path)
+    loaded, params, _ = loading.load_network(path)
+    assert geometry(loaded) == geometry(convert.load_backbone(path)[0]) == expected_geometry()
+    np.testing.assert_array_equal(params["norm"]["scale"], np.asarray(variables["params"]["norm"]["scale"]))
