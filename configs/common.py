@@ -3,15 +3,16 @@
 A training config has this schema (every recipe fills all of it; ``lock_config=True`` then makes a misspelt
 ``--config.x=y`` fail):
 
-    objective              "moby" (| "esvit" | "dino" once those objectives exist)
+    objective              "moby" | "esvit" | "dino" (its block: moby.* or dino.*)
     seed                   int
     model.name             a ``swin_ssl.models.create_model`` name
     model.drop_path_rate   online/student stochastic depth;  model.target_drop_path_rate: target/teacher
     model.dtype            "float32" | "bfloat16" (matmuls; params, LN/BN, softmax and the loss stay fp32)
     model.remat            rematerialise each block in the backward pass (less activation memory, same results)
     model.overrides        extra create_model fields (e.g. window_size, norm_eps); {} for the MoBY recipes
-    moby.*                 queue_size, temperature, momentum (start of the cosine 0.99 -> 1), proj_dim,
-                           proj_hidden_dim, pred_hidden_dim, proj_layers, pred_layers
+    moby.*                 ``swin_ssl.objectives.moby.DEFAULTS``: queue_size, temperature, momentum (start of the
+                           cosine 0.99 -> 1), proj_dim, proj_hidden_dim, pred_hidden_dim, proj_layers, pred_layers
+    dino.*                 ``swin_ssl.objectives.dino.DEFAULTS`` (configs/esvit_swin_tiny.py documents them)
     data.*                 name ("imagenet2012" | "image_folder" | "fashion_mnist" | "synthetic"), data_dir,
                            image_size, num_train_examples (for epoch <-> step conversion) and the augmentation
                            fields of swin_ssl/data/pipeline.py (see data_config below)
