@@ -9,6 +9,8 @@ See configs/knn.py and configs/linear.py for the presets, swin_ssl/evaluators/ru
 from absl import app, flags
 from ml_collections import config_flags
 
+from swin_ssl.config_files import parse_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config (configs/knn.py or configs/linear.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory for results.json and TensorBoard events.")
@@ -23,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)  # a mistyped --config.x=y override: one line, no traceback

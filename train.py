@@ -17,6 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from swin_ssl.config_files import parse_flags
 from swin_ssl.hosts import RunRefused, StorageUnavailable
 from swin_ssl.train import loop
 
@@ -40,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)  # a mistyped --config.x=y override: one line, no traceback

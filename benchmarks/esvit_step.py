@@ -26,15 +26,15 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import esvit_swin_tiny  # noqa: E402
+from swin_ssl.config_files import config_module  # noqa: E402
+
+esvit_swin_tiny = config_module("esvit_swin_tiny")
 from swin_ssl.objectives import dino  # noqa: E402
 from swin_ssl.train import optim as optim_lib  # noqa: E402
 from swin_ssl.train import step as step_lib  # noqa: E402

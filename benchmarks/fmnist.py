@@ -2,7 +2,7 @@ r"""Fashion-MNIST quality benchmark: does self-supervised pretraining of a tiny 
 
 Pretrains ``swin_nano`` with MoBY and with EsViT through the trainer library (``--preset``, default ``fmnist30``:
 ``configs/moby_swin_tiny.py:fmnist30``, 5500 steps, and ``configs/esvit_swin_tiny.py:fmnist30``, 4800 steps, each
-sized for the issue's 30-minute budget on 2 idle cores; a config without the preset uses its ``demo``; ``--steps``
+sized for a 30-minute budget on 2 idle cores; a config without the preset uses its ``demo``; ``--steps``
 changes the length), then evaluates on the 10k test set, with the 60k training images as k-NN bank / linear-probe
 data:
 
@@ -38,7 +38,6 @@ import time
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 CONFIGS = {"moby": "configs/moby_swin_tiny.py", "esvit": "configs/esvit_swin_tiny.py"}
 LINEAR_LRS = {"esvit": (1e-3, 1e-2, 1e-1, 1.0, 10.0), "moby": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)}  # base lrs (per 256 / 512)
@@ -46,10 +45,8 @@ LINEAR_LRS = {"esvit": (1e-3, 1e-2, 1e-1, 1.0, 10.0), "moby": (0.03, 0.1, 0.3, 1
 
 def load_train_config(objective: str, steps: int | None, preset: str = "fmnist30", knn_every: int = 0,
                       overrides: dict | None = None):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"cfg_{objective}", os.path.join(REPO, CONFIGS[objective]))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from swin_ssl.config_files import config_module
+    module = config_module(os.path.splitext(os.path.basename(CONFIGS[objective]))[0])
     if preset not in module.PRESETS:
         print(f"{CONFIGS[objective]} has no preset {preset!r}; using 'demo'", flush=True)
         preset = "demo"

@@ -23,7 +23,6 @@ import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # before fmnist's 8-device default
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from fmnist import LINEAR_LRS, load_train_config  # noqa: E402  (the quality benchmark beside this file)
 

@@ -37,7 +37,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 BASELINES = {"moby": 56.0, "multicrop": 25.0}  # img/s/core, torchvision/PIL on the CI machine kind

@@ -20,11 +20,8 @@ import argparse
 import os
 import resource
 import statistics
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from benchmarks.torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison  # noqa: E402
 
@@ -46,7 +43,8 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from configs import moby_swin_tiny
+    from swin_ssl.config_files import config_module
+    moby_swin_tiny = config_module("moby_swin_tiny")
     from swin_ssl.train import loop, validate
 
     c = moby_swin_tiny.get_config(args.preset)

@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved JAX/timm rounds; the best round is kept")
     parser.add_argument("--timm-python", default=os.environ.get("SWIN_SSL_TIMM_PYTHON", "/work/torchref/bin/python"),
-                        help="a python with torch + timm (../shared/tools/setup_torch_reference.sh)")
+                        help="a python with torch + timm (a separate CPU torch environment)")
     args = parser.parse_args()
 
     have_timm = os.path.exists(args.timm_python)
@@ -132,8 +132,8 @@ def main() -> None:
         print(f"| ratio JAX / timm | | | {best['fwd_img_s'] / tf_:.2f}x | "
               f"{max(r['fwdbwd_img_s'] for r in ours) / tb:.2f}x |")
     elif args.dtype == "float32":
-        print(f"(no timm comparison: {args.timm_python} not found; build it with "
-              "../shared/tools/setup_torch_reference.sh)")
+        print(f"(no timm comparison: {args.timm_python} not found; pass --timm-python, a python with torch + "
+              "timm)")
 
 
 if __name__ == "__main__":

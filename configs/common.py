@@ -3,15 +3,16 @@
 A training config has this schema (every recipe fills all of it; ``lock_config=True`` then makes a misspelt
 ``--config.x=y`` fail):
 
-    objective              "moby" (| "esvit" | "dino" once those objectives exist)
+    objective              "moby" | "esvit" | "dino" (its block: moby.* or dino.*)
     seed                   int
     model.name             a ``swin_ssl.models.create_model`` name
     model.drop_path_rate   online/student stochastic depth;  model.target_drop_path_rate: target/teacher
     model.dtype            "float32" | "bfloat16" (matmuls; params, LN/BN, softmax and the loss stay fp32)
     model.remat            rematerialise each block in the backward pass (less activation memory, same results)
     model.overrides        extra create_model fields (e.g. window_size, norm_eps); {} for the MoBY recipes
-    moby.*                 queue_size, temperature, momentum (start of the cosine 0.99 -> 1), proj_dim,
-                           proj_hidden_dim, pred_hidden_dim, proj_layers, pred_layers
+    moby.*                 ``swin_ssl.objectives.moby.DEFAULTS``: queue_size, temperature, momentum (start of the
+                           cosine 0.99 -> 1), proj_dim, proj_hidden_dim, pred_hidden_dim, proj_layers, pred_layers
+    dino.*                 ``swin_ssl.objectives.dino.DEFAULTS`` (configs/esvit_swin_tiny.py documents them)
     data.*                 name ("imagenet2012" | "image_folder" | "fashion_mnist" | "synthetic"), data_dir,
                            image_size, num_train_examples (for epoch <-> step conversion) and the augmentation
                            fields of swin_ssl/data/pipeline.py (see data_config below)
@@ -36,7 +37,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from swin_ssl.train import workdir
+from swin_ssl.objectives import moby
+from swin_ssl.train import optim, workdir
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 FASHION_MNIST_TRAIN_EXAMPLES = 60_000
@@ -67,22 +69,10 @@ def moby_config(model: str, *, epochs: int = 300, batch_size: int = 512) -> ml_c
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(name=model, drop_path_rate=0.2, target_drop_path_rate=0.0,
                                              dtype="float32", remat=False, overrides={}))
-    c.moby = ml_collections.ConfigDict(dict(queue_size=4096, temperature=0.2, momentum=0.99, proj_dim=256,
-                                            proj_hidden_dim=4096, pred_hidden_dim=4096, proj_layers=2,
-                                            pred_layers=2))
+    c.moby = ml_collections.ConfigDict(moby.DEFAULTS)
     c.data = data_config("imagenet2012", 224, IMAGENET_TRAIN_EXAMPLES)
     add_duration_fields(c, batch_size=batch_size, epochs=epochs, warmup_epochs=5)
-    c.optim = ml_collections.ConfigDict(dict(
-        base_lr=1e-3, warmup_lr=5e-7, min_lr=5e-6, lr_batch_base=512,  # all scaled by batch_size / 512
-        scale_min_lr=True,
-        cosine_from_start=True,  # timm CosineLRScheduler(warmup_prefix=False), as the official MoBY
-        b1=0.9, b2=0.999, eps=1e-8,
-        weight_decay=0.05, weight_decay_end=config_dict.placeholder(float),  # None: constant
-        clip_mode="global", clip_norm=5.0,
-        no_decay_keywords=(),
-        decay_keywords=(),
-        freeze_patterns=(), freeze_epochs=0.0, freeze_steps=config_dict.placeholder(int),
-    ))
+    c.optim = optim.defaults()  # MoBY's AdamW recipe
     return add_run_fields(c)
 
 

@@ -13,14 +13,10 @@ Presets (``--config configs/dino_vit_small.py:<preset>``):
   smoke       ``vit_test`` on synthetic data, a few steps (CI).
 The schema is documented in ``esvit_swin_tiny.py`` (shared builder).
 """
-import os
-import sys
+from swin_ssl.config_files import config_module  # sibling config files, from any working directory
 
-try:
-    from configs import common, esvit_swin_tiny
-except ImportError:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import common, esvit_swin_tiny
+common = config_module("common")
+esvit_swin_tiny = config_module("esvit_swin_tiny")
 
 
 def _boosted300(c):

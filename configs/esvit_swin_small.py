@@ -10,14 +10,10 @@ and holds the shared builder) with Swin-S and student drop path 0.2:
 The released W14 models were trained view-only for 200 epochs and then continued with the region term
 (README ``continued_from0200_dense``); ``paper300_w14`` trains view + region from scratch.
 """
-import os
-import sys
+from swin_ssl.config_files import config_module  # sibling config files, from any working directory
 
-try:
-    from configs import common, esvit_swin_tiny
-except ImportError:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import common, esvit_swin_tiny
+common = config_module("common")
+esvit_swin_tiny = config_module("esvit_swin_tiny")
 
 
 PRESETS = {k: esvit_swin_tiny.PRESETS[k] for k in ("paper300", "paper300_w14", "view300", "smoke")}

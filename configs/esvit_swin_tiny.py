@@ -34,17 +34,14 @@ Example::
     python train.py --config configs/esvit_swin_tiny.py:paper300 --workdir runs/esvit_swin_t \
         --config.data.data_dir=/data/tfds
 """
-import os
-import sys
 
 import ml_collections
-from ml_collections import config_dict
 
-try:
-    from configs import common
-except ImportError:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import common
+from swin_ssl.config_files import config_module  # sibling config files, from any working directory
+from swin_ssl.objectives import dino
+from swin_ssl.train import optim
+
+common = config_module("common")
 
 DINO_MIN_LR = 1e-6
 
@@ -77,23 +74,19 @@ def esvit_config(model: str, *, objective: str = "esvit", epochs: int = 300, bat
     c.model = ml_collections.ConfigDict(dict(name=model, drop_path_rate=drop_path, target_drop_path_rate=0.0,
                                              dtype="float32", remat=False, overrides=overrides))
     c.dino = ml_collections.ConfigDict(dict(
-        out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3, norm_last_layer=norm_last_layer,
-        region=objective == "esvit", view_weight=0.5, region_weight=0.5,
-        teacher_temp=teacher_temp, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
-        student_temp=0.1, center_momentum=0.9, momentum=0.996,
-        region_chunk_size=17,  # 170 student tokens per image (2x49 + 8x9) -> 10 chunks
-    ))
+        dino.DEFAULTS, norm_last_layer=norm_last_layer, region=objective == "esvit", teacher_temp=teacher_temp,
+        warmup_teacher_temp_epochs=warmup_teacher_temp_epochs))
     c.data = multicrop_data("imagenet2012", 224, common.IMAGENET_TRAIN_EXAMPLES, num_local=8, local_size=96)
     common.add_duration_fields(c, batch_size=batch_size, epochs=epochs, warmup_epochs=10)
-    c.optim = ml_collections.ConfigDict(dict(
+    c.optim = optim.defaults()
+    c.optim.update(dict(
         base_lr=5e-4, warmup_lr=0.0, min_lr=DINO_MIN_LR, scale_min_lr=False, lr_batch_base=256,
-        cosine_from_start=False,  # DINO's cosine_scheduler: the cosine starts at the peak after warm-up
-        b1=0.9, b2=0.999, eps=1e-8,
+        cosine_from_start=False,  # DINO's cosine_scheduler: linspace warm-up, then the cosine from the peak
         weight_decay=0.04, weight_decay_end=0.4,
         clip_mode="per_param", clip_norm=3.0,
-        no_decay_keywords=(),  # biases and 1-D params only (relative_position_bias_table is decayed, trap T13)
+        no_decay_keywords=(),  # biases and 1-D params only (the relative-position tables are decayed)
         decay_keywords=("scale_g",),  # official weight_g is [out, 1], hence decayed when trainable
-        freeze_patterns=("last_layer",), freeze_epochs=1.0, freeze_steps=config_dict.placeholder(int),
+        freeze_patterns=("last_layer",), freeze_epochs=1.0,
     ))
     return common.add_run_fields(c)
 
@@ -106,13 +99,12 @@ def set_batch_size(c: ml_collections.ConfigDict, batch_size: int) -> None:
 def demo(c: ml_collections.ConfigDict, model: str = "swin_nano") -> None:
     """Fashion-MNIST at 32 px on the CPU: a sanity run of the whole multi-crop pipeline, not a result."""
     c.model.name = model
-    # The CPU models bring their own windows. patch 4 (8x8 -> 4x4 -> 2x2 tokens at 32 px; 4x4 at the 16-px locals):
-    # with MoBY it made steps ~3-4x faster and the features better at equal steps (docs/fmnist_experiments.md).
+    # The CPU models bring their own windows; patch 4 as in the MoBY Fashion-MNIST recipe (faster, better).
     c.model.overrides = dict(norm_eps=1e-6, patch_size=4)
     c.model.drop_path_rate = 0.0  # as the MoBY Fashion-MNIST recipe: a few epochs of a 6-block net underfit
     c.data = multicrop_data("fashion_mnist", 32, common.FASHION_MNIST_TRAIN_EXAMPLES, num_local=4,
                             local_size=16)  # data_dir "": the system directory or the user cache (make fmnist)
-    c.data.blur_sigma = (0.1 * 32 / 224, 2.0 * 32 / 224)  # the reference blur range scaled to 32-px views
+    c.data.blur_sigma = (0.1 * 32 / 224, 2.0 * 32 / 224)  # the official blur range scaled to 32-px views
     c.data.color_jitter = (0.4, 0.4, 0.0, 0.0)  # grey images: saturation / hue / greyscale are no-ops (and slow)
     c.data.grayscale_prob = 0.0
     c.data.eval_crop_pct = 1.0  # evaluate the whole garment, as the evaluators do (training crops at scale 1)
@@ -122,11 +114,10 @@ def demo(c: ml_collections.ConfigDict, model: str = "swin_nano") -> None:
     c.dino.hidden_dim = 512
     c.dino.bottleneck_dim = 128
     c.dino.region_chunk_size = 0
-    # 500 steps (~0.4 s each with patch 4: 4.5 minutes on 2 cores) are < 1 Fashion-MNIST epoch (937 steps at
-    # batch 64): no per-epoch temperature warm-up and a 40-step last-layer freeze instead of the 1-epoch one.
+    # 500 steps (~4.5 min on 2 cores) are < 1 epoch: no per-epoch temperature warm-up, a 40-step freeze.
     c.dino.teacher_temp = 0.04
     c.dino.warmup_teacher_temp_epochs = 0
-    c.dino.momentum = 0.99  # short runs want a faster teacher (DINO issue #104 advice is for tiny batches)
+    c.dino.momentum = 0.99  # a 500-step run needs a faster-moving teacher than 0.996
     c.total_epochs = 1.0e9  # bounded by total_steps below
     c.total_steps = 500
     c.warmup_steps = 40
@@ -138,13 +129,9 @@ def demo(c: ml_collections.ConfigDict, model: str = "swin_nano") -> None:
 
 def fmnist30(c: ml_collections.ConfigDict) -> None:
     """The demo recipe for the 30-minute budget of ``benchmarks/fmnist.py``: the recipe's own lr scaling, 5e-4 per 256
-    (1.25e-4 at batch 64, a quarter of the demo's), and the two 32-px global crops only, 4800 steps (0.32-0.34 s/step
-    with the benchmark's 8 simulated devices on 2 idle cores: ~27 min).
-
-    At 1000 steps (10k bank, docs/fmnist_experiments.md) the lr lifted the teacher's k-NN from 74.2 / 74.6 to
-    75.8 / 76.6 (random init 74.0 / 74.4), and dropping the 16-px local crops (a single token each after the last
-    merge at patch 4) lifted it again, to 77.4 / 78.1, while making each step 1.5x faster; norm_last_layer=True,
-    teacher momentum 0.996, teacher temperature 0.02 and the view term alone did not help.
+    (1.25e-4 at batch 64), and the two 32-px global crops only (a 16-px local crop is a single token after the last
+    merge at patch 4), 4800 steps (~27 min on 2 idle cores). Both choices lifted the teacher's k-NN at 1000 steps;
+    the measurements, and what did not help, are in docs/fmnist_experiments.md.
     """
     demo(c)
     c.optim.base_lr = 5e-4

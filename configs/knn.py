@@ -1,4 +1,4 @@
-r"""k-NN evaluation of a backbone (DINO/EsViT protocol, reference §3.6): ``python evaluate.py --config configs/knn.py``.
+r"""k-NN evaluation of a backbone (DINO/EsViT protocol): ``python evaluate.py --config configs/knn.py``.
 
 Weighted k-NN on L2-normalised pooled features, cosine similarity, weights exp(sim / 0.07), k in {10, 20, 100, 200}
 (the papers quote k = 20); every train image is in the bank, every test image queried once.
@@ -29,7 +29,8 @@ def dataset(name: str, image_size: int, **kw) -> ml_collections.ConfigDict:
     """The ``config.dataset`` block (read by swin_ssl.evaluators.datasets / swin_ssl.data)."""
     d = dict(name=name, data_dir="", image_size=image_size, train_split="train", test_split="test",
              train_examples=config_dict.placeholder(int), test_examples=config_dict.placeholder(int),
-             subset_seed=0, num_classes=config_dict.placeholder(int), synthetic_train=256, synthetic_test=64)
+             subset_seed=0, num_classes=config_dict.placeholder(int), synthetic_train=256, synthetic_test=64,
+             eval_interpolation="bicubic")  # DINO/EsViT's eval resize; MoBY's is bilinear (``moby_eval``)
     d.update(kw)
     return ml_collections.ConfigDict(d)
 
@@ -71,7 +72,7 @@ def tiny(c: ml_collections.ConfigDict, which: str) -> None:
 
 
 def _esvit(c):
-    c.model.norm_eps = 1e-6  # EsViT's Swin uses LayerNorm eps 1e-6 (reference §1.7)
+    c.model.norm_eps = 1e-6  # EsViT's Swin uses LayerNorm eps 1e-6
 
 
 def _dino(c):
@@ -79,8 +80,15 @@ def _dino(c):
     c.model.norm_eps = 1e-6
 
 
-def _moby(c):
+def moby_eval(c: ml_collections.ConfigDict) -> None:
+    """MoBY's evaluation: the online encoder; images resized to ``size + 32`` with torchvision's default (bilinear)
+    interpolation, then centre-cropped (docs/fidelity.md)."""
     c.network = "online"
+    c.dataset.eval_interpolation = "bilinear"
+
+
+def _moby(c):
+    moby_eval(c)
 
 
 PRESETS = {"esvit": _esvit, "dino": _dino, "moby": _moby,

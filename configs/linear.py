@@ -1,11 +1,11 @@
 r"""Linear probe of a frozen backbone: ``python evaluate.py --config configs/linear.py:<preset>``.
 
 Presets:
-  esvit        EsViT protocol (§3.7): EMA teacher, average-pooled outputs of the last 4 blocks concatenated (2304-d
+  esvit        EsViT protocol: EMA teacher, average-pooled outputs of the last 4 blocks concatenated (2304-d
                Swin-T), linear layer normal(0, 0.01), SGD momentum 0.9, lr 1e-3 x batch/256, cosine (per epoch),
                100 epochs, no weight decay, plain CE; batch 1024 (256 x 4 GPUs). Default. (Reported 78.0 Swin-T W7.)
   dino         the same protocol for ViT-S/16 (CLS of the last 4 blocks, 1536-d; reported 77.0).
-  moby         MoBY protocol (§2.5, trap T14): online encoder, pooled 768-d features, backbone in train mode
+  moby         MoBY protocol (docs/fidelity.md): online encoder, pooled 768-d features, backbone in train mode
                (drop path 0.2 active), label smoothing 0.1, Nesterov SGD lr 1.0 x batch/512, 5 warmup epochs,
                per-step cosine, grad clip 5, 100 epochs, batch 512. (Reported 75.0 / 75.3 for 300-epoch Swin-T.)
   fmnist       EsViT protocol on Fashion-MNIST with ``swin_nano``, cached centre-crop features, 30 epochs.
@@ -18,18 +18,12 @@ and no stochastic depth: expect somewhat lower numbers). ``linear.lrs``: base le
 (vmapped classifiers); empty = the protocol's single base lr. The reported ``linear/top1`` is the best test accuracy
 over epochs (as EsViT/DINO/MoBY report it) of the best lr -- optimistic, like the papers' numbers.
 """
-import os
-import sys
-
 import ml_collections
 
-try:
-    from configs import knn as knn_config
-except ImportError:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import knn as knn_config
-
+from swin_ssl.config_files import config_module  # sibling config files, from any working directory
 from swin_ssl.evaluators.linear import protocol_defaults
+
+knn_config = config_module("knn")
 
 
 def _linear_block(protocol: str, **kw) -> ml_collections.ConfigDict:
@@ -59,6 +53,7 @@ def _dino(c):
 
 def _moby(c):
     _apply_protocol(c, "moby")
+    knn_config.moby_eval(c)
     c.model.drop_path_rate = 0.2  # stochastic depth stays active in MoBY's frozen backbone (train mode)
 
 

@@ -8,19 +8,11 @@ Presets (``--config configs/moby_deit_small.py:<preset>``):
             check of the ViT path at demo scale).
   smoke     ``vit_test`` on synthetic data, a handful of steps (tests).
 """
-import os
-import sys
+from swin_ssl.config_files import config_module  # sibling config files, from any working directory
 
-try:
-    from configs import common
-except ImportError:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import common
+common = config_module("common")
 
-try:
-    from configs import moby_swin_tiny as _swin
-except ImportError:
-    import moby_swin_tiny as _swin
+_swin = config_module("moby_swin_tiny")
 
 
 def _paper300(c):

@@ -20,14 +20,9 @@ Example::
     python train.py --config configs/moby_swin_tiny.py --config.data.name=image_folder \
         --config.data.data_dir=/data/imagenet/train --workdir runs/moby
 """
-import os
-import sys
+from swin_ssl.config_files import config_module  # sibling config files, from any working directory
 
-try:
-    from configs import common
-except ImportError:  # loaded by path (config_flags) from outside the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import common
+common = config_module("common")
 
 
 def _paper300(c):
@@ -39,31 +34,25 @@ def _paper100(c):
 
 
 def _fmnist(c, steps: int):
-    """``swin_nano`` on Fashion-MNIST at 32 px on the CPU: the recipe measured in docs/fmnist_experiments.md
-    (README, "The demo on Fashion-MNIST"). Values that differ from the ImageNet recipe, and why:"""
+    """``swin_nano`` on Fashion-MNIST at 32 px on the CPU. Each value that differs from the ImageNet recipe says
+    why in one line; the measurements behind them are in docs/fmnist_experiments.md."""
     c.model.name = "swin_nano"
-    # patch 4 (8x8 -> 4x4 -> 2x2 tokens) instead of swin_nano's patch 2: 4x fewer tokens, ~3-4x faster steps
-    # (0.37 vs 1.1-1.6 s at batch 64 on 2 cores), so 4x more epochs fit the CPU budget; at 1000 steps it already
-    # beat the patch-2 preset at 700 steps (k-NN k=20 76.7 on a 10k bank vs 74.6 on the 60k bank).
-    c.model.overrides = dict(patch_size=4)
-    # no stochastic depth: a 6-block net trained for a few epochs underfits; drop path only slows it down.
-    c.model.drop_path_rate = 0.0
+    c.model.overrides = dict(patch_size=4)  # 4x fewer tokens than patch 2: ~3-4x faster steps, better at equal time
+    c.model.drop_path_rate = 0.0  # a 6-block net trained for a few epochs underfits; drop path only slows it down
     c.data = common.data_config("fashion_mnist", 32, common.FASHION_MNIST_TRAIN_EXAMPLES)  # "": system dir or cache
-    # crops of 40-100 % of a 28-px garment: (0.2, 1) gave k-NN k=20 76.7, (0.4, 1) 78.3 at 1000 steps.
-    c.data.crop_scale = (0.4, 1.0)
+    c.data.crop_scale = (0.4, 1.0)  # crops of 40-100 % of a 28-px garment beat 20-100 %
     # grey images: saturation, hue and greyscale are no-ops, and hue costs input-pipeline time.
     c.data.color_jitter = (0.4, 0.4, 0.0, 0.0)
     c.data.grayscale_prob = 0.0
-    c.data.blur_sigma = (0.1 * 32 / 224, 2.0 * 32 / 224)  # the reference blur range scaled to 32-px views
+    c.data.blur_sigma = (0.1 * 32 / 224, 2.0 * 32 / 224)  # the official blur range scaled to 32-px views
     c.data.eval_crop_pct = 1.0  # evaluate the whole garment, as the evaluators do (training crops at scale 1)
     c.batch_size = 64
     common.scale_heads(c, hidden=512, dim=128, queue=1024)
     c.total_epochs = 1.0e9  # bounded by total_steps below
     c.total_steps = steps
     c.warmup_steps = 100
-    # lr 1e-3 at batch 64 (8x the linear scaling rule, for a short run): 2e-3 was worse (k=20 75.2 vs 76.7). Lower
-    # rates were better at 1000 steps (5e-4: 79.1 vs 78.3; 2.5e-4: level with 5e-4) and 5e-4 at 4000 steps, so
-    # fmnist30 uses 5e-4; the demo keeps 1e-3, the lr its README numbers were measured with.
+    # lr 1e-3 at batch 64 (8x the linear scaling rule, for a short run); fmnist30 uses the better 5e-4, the demo
+    # keeps 1e-3, the lr its README numbers were measured with.
     c.optim.base_lr = 1e-3 * 512 / 64
     c.log_every_steps = 50
     c.checkpoint_every_steps = 500
@@ -71,18 +60,12 @@ def _fmnist(c, steps: int):
 
 
 def _demo(c):
-    # 1200 steps (1.3 epochs): ~8 min of pretraining on 2 idle cores (0.37 s/step), so `make demo` (pretraining +
-    # the 60k-bank k-NN table) stays under 15 minutes with room for a busy machine.
-    _fmnist(c, steps=1200)
+    _fmnist(c, steps=1200)  # ~8 min of pretraining on 2 idle cores: `make demo` stays under 15 minutes
 
 
 def _fmnist30(c):
-    # 5500 steps: 0.30 s/step on 2 idle cores (input pipeline included) -> ~28 min, the issue's 30-minute budget.
-    # 4000 steps (sized for a machine shared with a test suite) gave k-NN 83.35 / 85.08 and linear 87.01.
-    _fmnist(c, steps=5500)
-    # lr 5e-4 at batch 64: at 4000 steps it beat 1e-3 on every metric (k-NN 83.35 / 85.08 vs 82.56 / 84.32,
-    # linear 87.01 vs 86.57; README). The demo keeps 1e-3, the lr its README numbers were measured with.
-    c.optim.base_lr = 5e-4 * 512 / 64
+    _fmnist(c, steps=5500)  # ~28 min on 2 idle cores: the 30-minute budget of benchmarks/fmnist.py
+    c.optim.base_lr = 5e-4 * 512 / 64  # beat 1e-3 on every metric at 4000 steps (docs/fmnist_experiments.md)
 
 
 def _smoke(c):

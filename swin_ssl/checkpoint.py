@@ -6,19 +6,13 @@ so a resumed run continues bit-for-bit (all schedules are functions of ``state.s
 ``{"step", "objective", "model", "eval_backbone", "config"}``. Saving is asynchronous, keeps the last
 ``keep`` checkpoints, every ``every_steps`` steps, plus a final save and a save at preemption.
 
-Loading the backbones for evaluation (k-NN / linear / export), without building a train state::
+Loading a backbone for evaluation (k-NN / linear / export), without building a train state::
 
-    from swin_ssl import checkpoint
-    ckpt = checkpoint.load_backbones(workdir)            # latest step; or step=...
-    ckpt["online"]     # online encoder params  (MoBY: what the official linear eval uses, ``encoder.*``)
-    ckpt["target"]     # EMA target encoder params (MoBY ``encoder_k.*``; DINO/EsViT: the teacher)
-    ckpt["default"]    # the objective's choice for evaluation (meta["eval_backbone"]: "online" or "target")
-    ckpt["meta"]       # step, objective, model name, full training config (dict)
-    model = swin_ssl.models.create_model(ckpt["meta"]["model"], num_classes=0)   # + config overrides
-    feats, _ = model.apply({"params": ckpt["default"]}, images)
+    from swin_ssl.evaluators.loading import load_network
+    model, params, meta = load_network(workdir)    # latest step (or step=...); network "online" | "target" |
+    feats, _ = model.apply({"params": params}, images)   # "default" = the objective's choice (meta["eval_backbone"])
 
-The params come back as NumPy arrays in the same nested-dict layout the model's ``init`` produces.
-Lower level: ``restore_raw(workdir)`` returns the whole saved state as nested dicts
+Lower level: ``restore_raw(workdir)`` returns the whole saved state as nested dicts of NumPy arrays
 (``["params"]["backbone"]``, ``["target_params"]["backbone"]``, ``["obj_state"]`` ...).
 """
 from __future__ import annotations
@@ -288,12 +282,3 @@ def restore_raw(workdir: str, step: int | None = None) -> tuple[dict, dict]:
         raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(workdir)}")
     path = storage.join(checkpoint_dir(workdir), str(step))
     return _read_arrays(path), _read_meta(path)
-
-
-def load_backbones(workdir: str, step: int | None = None) -> dict:
-    """``{"online", "target", "default", "meta"}`` -- see the module docstring."""
-    state, meta = restore_raw(workdir, step)
-    online = state["params"]["backbone"]
-    target = state["target_params"]["backbone"]
-    default = target if meta.get("eval_backbone") == "target" else online
-    return {"online": online, "target": target, "default": default, "meta": meta}

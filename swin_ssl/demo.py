@@ -10,23 +10,16 @@ from the workdir (a finished run goes straight to the evaluation).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
-from pathlib import Path
+
+from swin_ssl.config_files import load_config
 
 CONFIG_FILES = {"moby": "moby_swin_tiny.py", "esvit": "esvit_swin_tiny.py"}
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def load_preset(objective: str, preset: str = "demo"):
-    path = CONFIG_DIR / CONFIG_FILES[objective]
-    if not path.exists():
-        raise FileNotFoundError(f"demo config {path} not found (run from a checkout of the repository)")
-    spec = importlib.util.spec_from_file_location(f"swin_ssl_config_{objective}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+    return load_config(f"configs/{CONFIG_FILES[objective]}:{preset}")
 
 
 def main() -> None:

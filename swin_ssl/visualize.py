@@ -26,8 +26,11 @@ from typing import Sequence
 
 import numpy as np
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # ImageNet statistics, as the data pipeline normalises
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+from swin_ssl import normalization
+from swin_ssl.convert.modules import input_size  # light: imports the models only when called
+
+MEAN = np.array(normalization.IMAGENET_MEAN, np.float32)  # as the data pipeline normalises
+STD = np.array(normalization.IMAGENET_STD, np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,11 +75,6 @@ def load_model(checkpoint: str | None = None, which: str | None = None, model: s
     size = input_size(module)
     variables = jax.jit(module.init)({"params": jax.random.PRNGKey(seed)}, jnp.zeros((1, *size, 3), jnp.float32))
     return module, {"params": variables["params"]}, f"{model}, random init (seed {seed})"
-
-
-def input_size(module) -> tuple[int, int]:
-    s = module.img_size
-    return (s, s) if isinstance(s, int) else tuple(s)
 
 
 def is_vit(module) -> bool:

@@ -26,6 +26,11 @@ def fmnist_stub_dir(tmp_path):
     return str(tmp_path)
 
 
+from swin_ssl.config_files import configs_package  # noqa: E402
+
+configs_package()  # the tests import the top-level configs (``from configs import knn``) like train.py does
+
+
 @pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
     """A Cloud Storage emulator with bucket ``gs://bucket`` (+ the TLS proxy for TensorFlow's client) on 127.0.0.1,

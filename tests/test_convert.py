@@ -1,6 +1,6 @@
 """swin_ssl.convert: official PyTorch layouts <-> Flax, checked against hand-built official key layouts and NumPy maths.
 
-The official-layout dicts here are built from the key tables in ssl_reference.md §1.8/§2.2/§3.2 (not with the
+The official-layout dicts here are built by hand from the official modules' key names and shapes (not with the
 exporter under test), saved with torch.save, imported, checked numerically, exported and compared key by key.
 """
 import argparse
@@ -40,7 +40,7 @@ class FakeCfgNode(dict):
 # Official key layouts, written from the reference tables
 
 def official_index(w):
-    """relative_position_index as §1.2 describes it (permute, add W-1, multiply the row offset by 2W-1, sum)."""
+    """relative_position_index as official Swin builds it (permute, add W-1, multiply the row offset by 2W-1, sum)."""
     coords = np.stack(np.meshgrid(np.arange(w), np.arange(w), indexing="ij")).reshape(2, -1)
     rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (w - 1)
     return (rel[..., 0] * (2 * w - 1) + rel[..., 1]).astype(np.int64)
@@ -157,7 +157,7 @@ def random_params(abstract, seed=0):
 # Layout facts and NumPy re-derivations
 
 def test_swin_tiny_export_has_the_official_keys_and_parameter_count():
-    """§1.8: key set, shapes and 28,288,354 parameters of Swin-T with a 1000-class head (eval_shape, zeros)."""
+    """The official key set, shapes and 28,288,354 parameters of Swin-T with a 1000-class head (eval_shape, zeros)."""
     model = create_model("swin_tiny", num_classes=1000)
     params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), C.init_variables(model))
     state = C.export_slot(params, module=model, attn_mask=True)
@@ -166,7 +166,7 @@ def test_swin_tiny_export_has_the_official_keys_and_parameter_count():
     for k in want:
         assert state[k].shape == want[k].shape, k
     assert sum(v.size for k, v in state.items() if not k.endswith(("index", "attn_mask"))) == 28_288_354
-    for k, v in state.items():  # regenerated buffers: §1.2 index anchors, §1.3 mask counts
+    for k, v in state.items():  # regenerated buffers: index anchors, mask counts
         if k.endswith("relative_position_index"):
             np.testing.assert_array_equal(v, official_index(7))
             assert v.dtype == np.int64 and v[0, 0] == 84 and v.sum() == 201684
@@ -252,7 +252,7 @@ def test_vit_import_matches_numpy_forward(tmp_path):
 
 @needs_torch
 def test_swin_window_attention_matches_numpy(tmp_path):
-    """Relative-position table + official index (§1.2) and qkv layout, on one window of the converted block."""
+    """Relative-position table + official index and qkv layout, on one window of the converted block."""
     sd = official_swin(np.random.default_rng(3))
     conv = C.import_checkpoint(save({"model": sd}, tmp_path / "swin.pth"), "swin_test")
     params = conv["variables"]["backbone"]["params"]["layers_0"]["blocks_1"]["attn"]
@@ -362,7 +362,7 @@ def test_moby_layout_round_trip(tmp_path):
     out = C.export_state(conv)
     assert sorted(out) == ["model"]
     assert_same_state(out["model"], model)
-    module, bb = C.load_backbone_from(conv)  # MoBY evaluates the online encoder (T14)
+    module, bb = C.load_backbone_from(conv)  # MoBY evaluates the online encoder
     np.testing.assert_array_equal(bb["params"]["norm"]["scale"], model["encoder.norm.weight"])
 
 
@@ -465,7 +465,7 @@ def test_resolution_change_resizes_vit_position_embedding(tmp_path):
 def test_deit_small_given_as_swin_tiny_fails_with_one_complete_error(tmp_path):
     model = create_model("deit_small")
     params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), C.init_variables(model))
-    path = str(tmp_path / "moby_swin_t_300ep_pretrained.pth")  # the swapped README link (T15)
+    path = str(tmp_path / "moby_swin_t_300ep_pretrained.pth")  # the official README links these two files the wrong way round
     C.export_backbone(params, model, path)
     with pytest.raises(C.ConversionError) as err:
         C.import_checkpoint(path, "swin_tiny")

@@ -1,7 +1,7 @@
 """Numerical parity with timm: official-layout Swin-T / DeiT-S weights give the same logits in Flax and in timm.
 
-timm lives in a separate CPU torch environment (``bash ../shared/tools/setup_torch_reference.sh /work/torchref``,
-or ``SWIN_SSL_TIMM_PYTHON=/path/to/python`` with torch + timm), so it runs in a subprocess. The official layout
+timm lives in a separate CPU torch environment (``SWIN_SSL_TIMM_PYTHON=/path/to/python`` with torch + timm;
+default ``/work/torchref/bin/python``), so it runs in a subprocess. The official layout
 (downsample at the end of stages 0-2, ``head.*``) goes to timm's (downsample at the start of stages 1-3,
 ``head.fc.*``) through ``timm.models.swin_transformer.checkpoint_filter_fn`` and is loaded with ``strict=True``.
 Weights are random but scaled so that every tensor matters (logits of order 1, relative-position biases of order 0.5).
@@ -73,8 +73,7 @@ def scaled_random(abstract, seed):
 def timm_logits(tmp_path_factory):
     python = timm_python()
     if python is None:
-        pytest.skip("no timm reference python: run `bash ../shared/tools/setup_torch_reference.sh /work/torchref` "
-                    "or set SWIN_SSL_TIMM_PYTHON to a python with torch + timm")
+        pytest.skip("no timm python: set SWIN_SSL_TIMM_PYTHON to a python with torch + timm")
     tmp = tmp_path_factory.mktemp("timm")
     x = np.random.default_rng(1).standard_normal((2, 3, 224, 224)).astype(np.float32)
     np.save(tmp / "x.npy", x)

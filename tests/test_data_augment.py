@@ -82,7 +82,7 @@ def test_crop_windows_follow_torchvision_sampler(height, width):
 @pytest.mark.parametrize("recipe,specs", [("moby", MOBY), ("multicrop", MULTICROP)])
 def test_view_decision_probabilities_match_recipe(recipe, specs):
     p = _sample(lambda s: aug.sample_view_params(s, specs))
-    expected = {  # per view name: flip, jitter, grey, blur, solarize (ssl_reference §2.4, §3.1)
+    expected = {  # per view name: flip, jitter, grey, blur, solarize (the official MoBY / EsViT recipes)
         "view1": (0.5, 0.8, 0.2, 1.0, 0.0), "view2": (0.5, 0.8, 0.2, 0.1, 0.2),
         "global0": (0.5, 0.8, 0.2, 1.0, 0.0), "global1": (0.5, 0.8, 0.2, 0.1, 0.2),
     }

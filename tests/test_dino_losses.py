@@ -1,4 +1,4 @@
-"""DINO / EsViT pure pieces against NumPy re-derivations written from the reference description (§3.4, §4).
+"""DINO / EsViT pure pieces against NumPy re-derivations written from the official losses' description (docs/fidelity.md).
 
 The NumPy versions loop over pairs, samples and tokens the way the official DDINOLoss reads, so they share no
 vectorisation (and no code) with ``swin_ssl/objectives/dino.py``.

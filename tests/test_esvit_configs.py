@@ -1,12 +1,9 @@
 """EsViT / DINO configs: every preset loads and validates, the recipes hold the README values, and the objective
 builds the official parameter counts (shapes only, nothing compiled)."""
-import os
-import sys
 
 import jax
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dino_vit_small, esvit_swin_base, esvit_swin_small, esvit_swin_tiny  # noqa: E402
 from swin_ssl.objectives import dino  # noqa: E402
 from swin_ssl.train import validate as validate_lib  # noqa: E402
@@ -59,7 +56,7 @@ def _param_counts(config):
 
 
 # DINO head (in -> 2048 -> 2048 -> 256 -> 65536): Linear weights + biases, weight-normalised last layer (v, and g
-# [65536] when norm_last_layer=False). Backbones: Swin-T 27,519,354 (ssl_reference §1.1, no classifier), ViT-S
+# [65536] when norm_last_layer=False). Backbones: Swin-T 27,519,354 (no classifier), ViT-S
 # 21,665,664; Swin-T W14 has 729-row instead of 169-row bias tables in the 2+2+6 blocks of stages 1-3
 # (3, 6, 12 heads): + (729 - 169) * (2*3 + 2*6 + 6*12) = 50,400.
 def _head(d_in, g):
@@ -70,7 +67,7 @@ def _head(d_in, g):
 def test_esvit_parameter_counts(preset, backbone):
     counts, parts = _param_counts(esvit_swin_tiny.get_config(preset))
     assert counts == {"backbone": backbone, "head": _head(768, True), "head_dense": _head(768, True)}
-    assert _head(768, True) == 23_138_560  # ssl_reference §3.2
+    assert _head(768, True) == 23_138_560  # the official DINO head's parameter count
     assert set(parts["obj_state"]) == {"center", "center_grid"}
     assert parts["obj_state"]["center"].shape == (65536,)
 

@@ -5,14 +5,11 @@ on the *concatenated* crops), the heads applied directly, and the loss re-derive
 ``test_dino_losses.py``.
 """
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dino_vit_small, esvit_swin_tiny  # noqa: E402
 from swin_ssl.objectives import dino, multicrop  # noqa: E402
 from swin_ssl.train.state import TrainState  # noqa: E402

@@ -3,17 +3,15 @@ multi-crop batches, the objective's schedules and health metrics, checkpoints, a
 import glob
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from configs import dino_vit_small, esvit_swin_tiny  # noqa: E402
-from swin_ssl import checkpoint  # noqa: E402
+from swin_ssl.checkpoint import restore_raw  # noqa: E402
 from tests.jit_helpers import count_compilations  # noqa: E402
 from swin_ssl.train import loop  # noqa: E402
 
@@ -72,7 +70,7 @@ def test_smoke_preset_trains_end_to_end(module, model, region, multicrop_input, 
     steps = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(str(tmp_path), "checkpoints", "*"))
                    if os.path.basename(p).isdigit())
     assert steps[-1] == 6
-    assert checkpoint.load_backbones(str(tmp_path))["meta"]["eval_backbone"] == "target"  # DINO/EsViT: the teacher
+    assert restore_raw(str(tmp_path))[1]["eval_backbone"] == "target"  # DINO/EsViT: the teacher
     state = result["state"]
     assert set(state.obj_state) == ({"center", "center_grid"} if region else {"center"})
     print(f"{module.__name__}:smoke {seconds:.1f}s for 6 steps incl. compilation")

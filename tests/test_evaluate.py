@@ -74,10 +74,23 @@ def test_select_network_in_a_train_state():
              "target_params": {"backbone": target, "projector": proj}}
     assert loading.select_network(state, "online") is online
     assert loading.select_network(state, "target") is target
-    assert loading.select_network({"state": state}, "target") is target
     assert loading.select_network({"params": online}, "target") is online  # imported backbone: no network level
     with pytest.raises(loading.ParamMismatchError, match="no target"):
         loading.select_network({"step": 1, "params": {"backbone": online}, "opt_state": {}}, "target")
+
+
+def test_moby_evaluation_resizes_bilinear():
+    """MoBY's official evaluation resizes with torchvision's default (bilinear), DINO/EsViT's with bicubic; the eval
+    pipeline of each preset, and the in-training k-NN of each training recipe, use its objective's interpolation."""
+    from configs import moby_swin_tiny, esvit_swin_tiny
+    from swin_ssl.evaluators import datasets, knn
+
+    for preset, want in (("moby", "bilinear"), ("esvit", "bicubic"), ("dino", "bicubic")):
+        for module in (knn_config, linear_config):
+            assert datasets.pipeline_config(module.get_config(preset).dataset).eval_interpolation == want, preset
+    for recipe, want in ((moby_swin_tiny, "bilinear"), (esvit_swin_tiny, "bicubic")):
+        data_cfg = knn.eval_dataset_for(recipe.get_config("paper300"), 10, 10)
+        assert datasets.pipeline_config(data_cfg).eval_interpolation == want
 
 
 def test_configs_presets():

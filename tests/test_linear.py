@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from swin_ssl.evaluators import common, linear
+from swin_ssl.train.parallel import make_mesh
 
 
 def separable(n, rng, dim=16, classes=4, spread=0.3):
@@ -51,7 +52,7 @@ def test_moby_step_matches_torch_semantics():
     cfg = linear.protocol_defaults("moby")
     cfg.update(epochs=1, warmup_epochs=0.0, schedule_unit="epoch", grad_clip=0.05)  # constant lr, clip active
     lr = 0.7
-    probe = linear.LinearProbe(cfg, dim, classes, steps_per_epoch=100, lrs=[lr], mesh=common.data_mesh())
+    probe = linear.LinearProbe(cfg, dim, classes, steps_per_epoch=100, lrs=[lr], mesh=make_mesh())
     update = jax.jit(probe.make_update(lambda _, batch, __: batch["x"]))
     w = np.asarray(probe.heads["kernel"][0], np.float64)
     b = np.asarray(probe.heads["bias"][0], np.float64)

@@ -1,14 +1,11 @@
 """MoBY objective: loss, queues, EMA and momentum against NumPy re-derivations of the reference formulas."""
 import math
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import moby_swin_tiny  # noqa: E402
 from swin_ssl.objectives import moby  # noqa: E402

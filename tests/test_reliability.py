@@ -1,4 +1,4 @@
-"""Reliability (issue #8): kill-and-resume is bitwise exact, SIGTERM saves and exits cleanly, a non-finite step
+"""Reliability: kill-and-resume is bitwise exact, SIGTERM saves and exits cleanly, a non-finite step
 stops (or is skipped) without a broken checkpoint, unreadable checkpoints are moved aside, bad configs fail early.
 
 The kill/SIGTERM tests drive real ``train.py`` subprocesses; they inherit the suite's XLA flags (8 CPU devices),
@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from configs import esvit_swin_tiny, moby_swin_tiny  # noqa: E402
 from swin_ssl import checkpoint  # noqa: E402

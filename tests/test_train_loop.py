@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from configs import moby_deit_small, moby_swin_tiny  # noqa: E402
-from swin_ssl import checkpoint  # noqa: E402
 from tests.jit_helpers import count_compilations  # noqa: E402
 from swin_ssl.train import loop  # noqa: E402
 from swin_ssl.train import validate as validate_lib  # noqa: E402
@@ -80,15 +78,17 @@ def test_resume_continues_exactly(uninterrupted, tmp_path):
 
 
 def test_checkpoint_gives_evaluators_the_backbones(uninterrupted):
-    ckpt = checkpoint.load_backbones(uninterrupted["workdir"])
+    from swin_ssl.evaluators.loading import load_network
     state = jax.device_get(uninterrupted["state"])
-    assert ckpt["meta"]["step"] == 6 and ckpt["meta"]["model"] == "swin_test"
-    assert ckpt["meta"]["eval_backbone"] == "online"
-    for got, want in zip(jax.tree.leaves(ckpt["online"]), jax.tree.leaves(state.params["backbone"])):
-        np.testing.assert_array_equal(got, want)
-    for got, want in zip(jax.tree.leaves(ckpt["target"]), jax.tree.leaves(state.target_params["backbone"])):
-        np.testing.assert_array_equal(got, want)
-    assert isinstance(jax.tree.leaves(ckpt["default"])[0], np.ndarray)
+    model, default, meta = load_network(uninterrupted["workdir"])
+    assert meta["step"] == 6 and meta["model"] == "swin_test" and model.img_size == 32
+    assert meta["eval_backbone"] == meta["network"] == "online"
+    for network, want in (("online", state.params["backbone"]), ("target", state.target_params["backbone"])):
+        got = load_network(uninterrupted["workdir"], network)[1]
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(state.params["backbone"])):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_deit_smoke_preset_trains(tmp_path):
@@ -185,8 +185,7 @@ WORKER = r"""
 import json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, {root!r})
-from configs import moby_swin_tiny
+from configs import moby_swin_tiny  # the worker runs in the repository root (``python -c``: cwd first on the path)
 from swin_ssl.train import loop
 
 process_id = int(sys.argv[1])

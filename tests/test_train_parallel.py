@@ -4,15 +4,12 @@ Compared: loss, gradients (not post-Adam params: Adam amplifies 1e-8 noise on th
 the new queues (all-gathered/enqueued keys in the same order), the BN statistics and the EMA target.
 """
 import functools
-import os
 import re
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import moby_swin_tiny  # noqa: E402
 from swin_ssl.objectives import moby  # noqa: E402

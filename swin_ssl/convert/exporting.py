@@ -111,13 +111,9 @@ def export_workdir(workdir: str, path: str, network: str = "default", step: int 
                    attn_mask: bool = False) -> dict:
     """A training run's backbone (``network``: "online", "target" = EMA teacher, or "default" = the objective's
     evaluation choice) -> official ``{'model': ...}`` .pth; returns the run's meta."""
-    from swin_ssl import checkpoint
-    ckpt = checkpoint.load_backbones(workdir, step)
+    from swin_ssl.evaluators.loading import load_network
     if network not in ("online", "target", "default"):
         raise ConversionError(f"network must be online, target or default, got {network!r}")
-    meta, cfg = ckpt["meta"], ckpt["meta"].get("config") or {}
-    kwargs = dict((cfg.get("model") or {}).get("overrides") or {})
-    if (cfg.get("data") or {}).get("image_size"):
-        kwargs["img_size"] = int(cfg["data"]["image_size"])
-    export_backbone({"params": ckpt[network]}, meta["model"], path, kwargs, attn_mask)
+    module, params, meta = load_network(workdir, network, step)
+    export_backbone({"params": params}, module, path, attn_mask=attn_mask)
     return meta

@@ -139,7 +139,7 @@ def import_state(flat: Mapping[str, np.ndarray], model: str, layout: str = "back
     from flax import traverse_util
     model_kwargs = dict(model_kwargs or {})
     if layout == "esvit":
-        model_kwargs.setdefault("norm_eps", 1e-6)  # EsViT's Swin uses LayerNorm eps 1e-6 (ref. T6)
+        model_kwargs.setdefault("norm_eps", 1e-6)  # EsViT's Swin uses LayerNorm eps 1e-6 (docs/fidelity.md)
     classifier = layout == "backbone" and np.ndim(flat.get("head.weight")) == 2
     drop_classifier = classifier and model_kwargs.get("num_classes") == 0  # asked for explicitly: drop head.*
     inferred_classes = classifier and model_kwargs.get("num_classes") is None

@@ -8,8 +8,9 @@ import numpy as np
 
 
 def build_backbone(model: str, model_kwargs: Mapping | None = None):
-    from swin_ssl.models import create_model
-    return create_model(model, **dict(model_kwargs or {}))
+    """The backbone of a converted file's ``meta`` (``model`` + ``model_kwargs``, which may set ``img_size``)."""
+    from swin_ssl.models import from_config
+    return from_config({"name": model, "overrides": dict(model_kwargs or {})}, None)
 
 
 def build_head(spec: Mapping):
@@ -18,8 +19,8 @@ def build_head(spec: Mapping):
 
 
 def input_size(module) -> tuple[int, int]:
-    size = module.img_size
-    return (size, size) if isinstance(size, int) else tuple(size)
+    from swin_ssl.models import input_size as configured
+    return configured(module)
 
 
 def init_variables(module, in_dim: int | None = None, seed: int = 0, abstract: bool = True):

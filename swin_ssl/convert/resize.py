@@ -1,6 +1,6 @@
 """Bicubic resizing of relative-position tables (window change, e.g. 7 -> 14) and ViT position embeddings
 (resolution change), with PyTorch's kernel (``F.interpolate(mode="bicubic", size=...)``, a=-0.75,
-align_corners=False), so resized tables equal the official loaders' results.
+align_corners=False; ``swin_ssl.bicubic``), so resized tables equal the official loaders' results.
 """
 from __future__ import annotations
 
@@ -8,31 +8,9 @@ import math
 
 import numpy as np
 
+from swin_ssl.bicubic import bicubic_matrix, resize_grid
 
-def _cubic(x: np.ndarray, a: float = -0.75) -> np.ndarray:
-    x = np.abs(x)
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
-
-
-def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] matrix of ``F.interpolate(size=n_out, mode="bicubic", align_corners=False)`` along one axis."""
-    dst = np.arange(n_out)
-    src = (dst + 0.5) * (n_in / n_out) - 0.5
-    base = np.floor(src).astype(np.int64)
-    t = src - base
-    m = np.zeros((n_out, n_in))
-    for offset in (-1, 0, 1, 2):
-        np.add.at(m, (dst, np.clip(base + offset, 0, n_in - 1)), _cubic(t - offset))
-    return m
-
-
-def resize_grid(grid: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """Bicubic resize of [h, w, C] (separable; float64 inside)."""
-    mh, mw = bicubic_matrix(grid.shape[0], out_hw[0]), bicubic_matrix(grid.shape[1], out_hw[1])
-    out = np.einsum("oh,hwc,pw->opc", mh, grid.astype(np.float64), mw)
-    return out.astype(grid.dtype)
+__all__ = ["bicubic_matrix", "resize_grid", "resize_pos_embed", "resize_rel_pos_table", "try_resize"]
 
 
 def resize_rel_pos_table(table: np.ndarray, rows: int) -> np.ndarray:

@@ -6,18 +6,23 @@ padding; the padded rows are computed like any other row and dropped on the host
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from swin_ssl import normalization
+from swin_ssl.train.parallel import make_mesh
 
 PyTree = Any
 Batch = Mapping[str, Any]
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGENET_MEAN = np.array(normalization.IMAGENET_MEAN, np.float32)
+IMAGENET_STD = np.array(normalization.IMAGENET_STD, np.float32)
 
 # Feature kinds an evaluator can read off the backbone (``model.apply`` returns ``(out, features)``):
 #   pooled       final-norm, average-pooled last-stage tokens (Swin) / normed CLS (ViT) -- k-NN, MoBY linear
@@ -26,12 +31,6 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 #   cls_avgpool  DINO's ViT-B variant: CLS of the last block ++ average of the final patch tokens
 #   raw_pixels   the flattened input image (baseline); see ``raw_pixel_features``
 FEATURE_KINDS = ("pooled", "last_blocks", "cls_avgpool", "raw_pixels")
-
-
-def data_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
-    """1-D ``("data",)`` mesh with ``AxisType.Auto`` (Swin's window reshapes fail under Explicit axes)."""
-    devices = np.asarray(list(devices) if devices is not None else jax.devices())
-    return Mesh(devices, ("data",), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -61,7 +60,7 @@ def padded_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterato
     """Fixed-size batches over in-memory arrays; the last one is padded (zeros, label -1: the data contract) and
     ``mask`` marks the real rows.
 
-    A stand-in for the data engineer's eval pipelines on data that fits in memory (tests, Fashion-MNIST,
+    A stand-in for the ``swin_ssl.data`` eval pipelines on data that fits in memory (tests, Fashion-MNIST,
     cached features): same batch format ``{..., "mask"}`` and the same exactly-once guarantee.
     """
     n = len(next(iter(arrays.values())))
@@ -100,25 +99,35 @@ def select_features(features: Mapping[str, Any], kind: str, n_last_blocks: int =
     raise ValueError(f"unknown feature kind {kind!r}; known: {FEATURE_KINDS}")
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureFn:
+    """``fn(params, images, rng) -> [B, D]`` float32 features. A value (hashable, equal when built alike), so a
+    jitted function taking it as a static argument compiles once per model and feature kind."""
+    model: Any | None
+    kind: str = "pooled"
+    n_last_blocks: int = 4
+    train: bool = False
+    denormalize_pixels: bool = True
+
+    def __call__(self, params: PyTree, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        if self.kind == "raw_pixels":
+            return raw_pixel_features(images, self.denormalize_pixels)
+        rngs = {"dropout": rng} if (self.train and rng is not None) else None
+        _, feats = self.model.apply({"params": params}, images, train=self.train, rngs=rngs)
+        return select_features(feats, self.kind, self.n_last_blocks).astype(jnp.float32)
+
+
 def make_feature_fn(model: Any | None, kind: str = "pooled", *, n_last_blocks: int = 4, train: bool = False,
-                    denormalize_pixels: bool = True) -> Callable[..., jax.Array]:
+                    denormalize_pixels: bool = True) -> FeatureFn:
     """``fn(params, images, rng) -> [B, D]`` float32 features; not jitted (callers jit it inside their step).
 
     ``train=True`` runs the backbone in training mode (stochastic depth active), as MoBY's linear evaluation
-    does with its online encoder (trap T14); then ``rng`` feeds the "dropout" stream. ``kind="raw_pixels"``
+    does with its online encoder; then ``rng`` feeds the "dropout" stream. ``kind="raw_pixels"``
     needs no model and ignores ``params``.
     """
-    if kind == "raw_pixels":
-        return lambda params, images, rng=None: raw_pixel_features(images, denormalize_pixels)
-    if model is None:
+    if kind != "raw_pixels" and model is None:
         raise ValueError(f"feature kind {kind!r} needs a model")
-
-    def fn(params: PyTree, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        rngs = {"dropout": rng} if (train and rng is not None) else None
-        _, feats = model.apply({"params": params}, images, train=train, rngs=rngs)
-        return select_features(feats, kind, n_last_blocks).astype(jnp.float32)
-
-    return fn
+    return FeatureFn(model, kind, n_last_blocks, train, denormalize_pixels)
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -127,6 +136,15 @@ def to_host(x: jax.Array) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _extract(feature_fn: Callable[..., jax.Array], mesh: Mesh, params: PyTree, images: jax.Array,
+             labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Features of one sharded batch; compiled once per (feature function, mesh, shapes) by jax.jit's cache."""
+    data = row_sharded(mesh)
+    out = (feature_fn(params, images, None), labels, mask)
+    return tuple(jax.lax.with_sharding_constraint(x, data) for x in out)
 
 
 class FeatureExtractor:
@@ -139,14 +157,8 @@ class FeatureExtractor:
     """
 
     def __init__(self, feature_fn: Callable[..., jax.Array], mesh: Mesh | None = None):
-        self.mesh = mesh if mesh is not None else data_mesh()
+        self.mesh = mesh if mesh is not None else make_mesh()
         self._feature_fn = feature_fn
-        data, repl = row_sharded(self.mesh), replicated(self.mesh)
-
-        def step(params, images, labels, mask):
-            return feature_fn(params, images, None), labels, mask
-
-        self._step = jax.jit(step, in_shardings=(repl, data, data, data), out_shardings=(data, data, data))
 
     def batch(self, params: PyTree, batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Device-side ``(features, labels, mask)`` of one padded batch (still padded, still sharded).
@@ -160,9 +172,10 @@ class FeatureExtractor:
         mask = np.asarray(batch["mask"], bool) if "mask" in batch else np.ones(images.shape[0], bool)
         data = row_sharded(self.mesh)
         arrays = [jax.make_array_from_process_local_data(data, a) for a in (images, labels, mask)]
-        return self._step(params, *arrays)
+        return _extract(self._feature_fn, self.mesh, params, *arrays)
 
     def __call__(self, params: PyTree, batches: Iterable[Batch]) -> tuple[np.ndarray, np.ndarray]:
+        params = jax.device_put(params, replicated(self.mesh))
         feats, labels = [], []
         for batch in batches:
             f, y, m = (to_host(a) for a in self.batch(params, batch))

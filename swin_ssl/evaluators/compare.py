@@ -104,17 +104,8 @@ def linear_metrics(fs: FeatureSet, protocol: str, *, epochs: int = 100, batch_si
 
 def load_checkpoint_backbone(workdir: str, network: str = "default") -> tuple[Any, PyTree, dict]:
     """``(model, params, meta)`` of a training workdir's latest checkpoint (model built as the trainer did)."""
-    from swin_ssl.evaluators import run
-
-    tree, meta = loading.restore_workdir(workdir)
-    network = meta.get("eval_backbone", "target") if network == "default" else network
-    cfg = ml_collections.ConfigDict(dict(model=dict(name="", norm_eps=None, window_size=None, img_size=None,
-                                                    drop_path_rate=None)))
-    model = run.build_model(cfg, meta)
-    size = int(((meta.get("config") or {}).get("data") or {}).get("image_size", 32))
-    params = loading.load_backbone(model, (size, size, 3), init="checkpoint", network=network, tree=tree,
-                                   what=f"{network} network of {workdir}")
-    return model, params, dict(meta, network=network, image_size=size)
+    model, params, meta = loading.load_network(workdir, network)
+    return model, params, dict(meta, image_size=int(meta["config"]["data"]["image_size"]))
 
 
 def random_init_like(model: Any, image_size: int, seed: int = 0) -> PyTree:

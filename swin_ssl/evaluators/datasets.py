@@ -1,7 +1,7 @@
 """In-memory evaluation data for the evaluators: Fashion-MNIST from its IDX files and a synthetic set.
 
 This is a small stand-in so that the evaluators, ``evaluate.py`` and the Fashion-MNIST benchmark run
-before/without the data engineer's pipelines: for ImageNet (TFDS / image folders) the eval batches must
+before/without the ``swin_ssl.data`` pipelines: for ImageNet (TFDS / image folders) the eval batches must
 come from ``swin_ssl.data`` (centre crops, padded last batch with ``mask``); ``eval_batches`` delegates to it
 for every dataset name it does not know itself.
 
@@ -26,7 +26,7 @@ from swin_ssl.evaluators import common
 @functools.lru_cache(maxsize=4)
 def fashion_mnist_raw(split: str, data_dir: str = "") -> tuple[np.ndarray, np.ndarray]:
     """``(images uint8 [N, 28, 28], labels int32 [N])`` of "train" (60k) or "test" (10k), read once per process."""
-    from swin_ssl.data import fashion_mnist  # the data engineer's IDX reader and file lookup
+    from swin_ssl.data import fashion_mnist  # the IDX reader and file lookup
     return fashion_mnist.load(split, data_dir or None)
 
 
@@ -129,7 +129,7 @@ def eval_batches(cfg: Any, split: str, batch_size: int) -> Iterator[dict]:
 
 
 def pipeline_config(cfg: Any):
-    """The data engineer's eval-pipeline config (``swin_ssl.data.default_config``) for this dataset block."""
+    """The eval-pipeline config (``swin_ssl.data.default_config``) for this dataset block."""
     from swin_ssl import data as data_lib  # imports TensorFlow: only for pipeline datasets
 
     source = {"image_folder": "folder"}.get(cfg.name, cfg.name)

@@ -1,4 +1,4 @@
-"""Weighted k-NN classification of frozen features (the DINO / EsViT protocol, reference §3.6).
+"""Weighted k-NN classification of frozen features (the DINO / EsViT protocol; docs/fidelity.md).
 
 Protocol: features L2-normalised, cosine similarity to every training ("bank") example, the k most similar
 neighbours vote with weight ``exp(sim / T)`` (T = 0.07) for their label, the class with the largest summed
@@ -31,14 +31,15 @@ from absl import logging
 from jax.sharding import Mesh, PartitionSpec as P
 
 from swin_ssl.evaluators import common
+from swin_ssl.models.heads import l2_normalize
+from swin_ssl.train.parallel import make_mesh
 
 DEFAULT_KS = (10, 20, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
 
 
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    return l2_normalize(x.astype(jnp.float32))  # cosine similarities in float32 whatever the feature dtype
 
 
 class FeatureBank:
@@ -46,7 +47,7 @@ class FeatureBank:
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None,
                  mesh: Mesh | None = None):
-        self.mesh = mesh if mesh is not None else common.data_mesh()
+        self.mesh = mesh if mesh is not None else make_mesh()
         features = np.asarray(features, np.float32)
         labels = np.asarray(labels, np.int32)
         mask = np.ones(len(labels), bool) if mask is None else np.asarray(mask, bool)
@@ -162,7 +163,7 @@ class KnnEvaluator:
                  test_batches: Callable[[], Iterable], *, num_classes: int, ks: Sequence[int] = DEFAULT_KS,
                  temperature: float = DEFAULT_TEMPERATURE, mesh: Mesh | None = None, query_chunk: int = 256,
                  precision: str = "highest", prefix: str = "knn/"):
-        self.mesh = mesh if mesh is not None else common.data_mesh()
+        self.mesh = mesh if mesh is not None else make_mesh()
         self.extractor = common.FeatureExtractor(feature_fn, self.mesh)
         self.train_batches, self.test_batches = train_batches, test_batches
         self.kwargs = dict(num_classes=num_classes, ks=tuple(ks), temperature=temperature, mesh=self.mesh,
@@ -181,15 +182,11 @@ class KnnEvaluator:
         return metrics
 
 
-_IN_TRAINING: dict[str, KnnEvaluator] = {}
-
-
 def training_model(config: Any):
     """The backbone as the trainer builds it from a training config (name, ``model.overrides``, image size)."""
-    from swin_ssl.models import create_model
+    from swin_ssl.models import from_config
 
-    overrides = dict(config.model.get("overrides") or {})
-    return create_model(config.model.name, num_classes=0, img_size=int(config.data.image_size), **overrides)
+    return from_config(config.model, int(config.data.image_size))
 
 
 def eval_dataset_for(config: Any, train_examples: int | None, test_examples: int | None,
@@ -200,7 +197,8 @@ def eval_dataset_for(config: Any, train_examples: int | None, test_examples: int
 
     d = dict(name=config.data.name, data_dir=config.data.get("data_dir", "") or "",
              image_size=int(config.data.image_size), train_split="train", test_split="validation",
-             train_examples=train_examples, test_examples=test_examples, subset_seed=0)
+             train_examples=train_examples, test_examples=test_examples, subset_seed=0,
+             eval_interpolation=config.data.get("eval_interpolation", "bicubic"))  # the objective's eval resize
     if config.data.name == "synthetic":
         d.update(num_classes=4, synthetic_train=train_examples or 64, synthetic_test=test_examples or 32)
     d.update(dict(dataset or {}))
@@ -216,20 +214,17 @@ def in_training_knn(config: Any, params: Mapping[str, Any], step: int, workdir: 
 
     Called by ``swin_ssl.train.loop`` as ``fn(config=..., params={"online", "target", "default"}, step=...,
     workdir=..., **config.evals.kwargs)`` every ``config.evals.every_steps`` steps; returns the k-NN metrics of
-    the chosen ``network`` on a fixed subset of the training config's data set (the evaluator, its data and its
-    compiled functions are built once and reused). ``train_examples`` / ``test_examples`` = None: whole splits.
+    the chosen ``network`` on a fixed subset of the training config's data set. Later calls reuse the loaded
+    subsets (``datasets.arrays``) and the compiled functions (jax.jit's cache: the feature function and the vote
+    are values). ``train_examples`` / ``test_examples`` = None: whole splits.
     """
+    from swin_ssl.evaluators import datasets
+
     del workdir
-    key = repr((id(config), config.model.name, feature, tuple(ks), temperature, train_examples, test_examples,
-                batch_size, query_chunk, sorted((dataset or {}).items()), prefix))
-    evaluator = _IN_TRAINING.get(key)
-    if evaluator is None:
-        data_cfg = eval_dataset_for(config, train_examples, test_examples, dataset)
-        from swin_ssl.evaluators import datasets
-        evaluator = make_in_training_knn(data_cfg, training_model(config), feature=feature, ks=ks,
-                                         temperature=temperature, batch_size=batch_size, query_chunk=query_chunk,
-                                         prefix=prefix, num_classes=datasets.num_classes(data_cfg))
-        _IN_TRAINING[key] = evaluator
+    data_cfg = eval_dataset_for(config, train_examples, test_examples, dataset)
+    evaluator = make_in_training_knn(data_cfg, training_model(config), feature=feature, ks=ks,
+                                     temperature=temperature, batch_size=batch_size, query_chunk=query_chunk,
+                                     prefix=prefix, num_classes=datasets.num_classes(data_cfg))
     metrics = evaluator(params[network])
     logging.info("k-NN (%s network) at step %d: %s", network, step,
                  {k: round(v, 3) for k, v in metrics.items() if "top" in k})

@@ -1,4 +1,4 @@
-"""Linear probe on a frozen backbone: the EsViT/DINO and MoBY protocols (reference §2.5, §3.7, §4, trap T14).
+"""Linear probe on a frozen backbone: the EsViT/DINO and MoBY protocols (docs/fidelity.md).
 
 Two protocols, selected by ``protocol`` in the config (``protocol_defaults``):
 
@@ -17,7 +17,7 @@ Two ways to feed it (``mode``):
   horizontal flip) and pushed through the frozen backbone inside the jitted step. Augmentation is done on the
   device from the eval batches (``random_resized_crop_flip``), or by a caller-supplied training pipeline.
 * ``cached`` -- the features of the centre-crop training images are extracted once and the classifier is
-  trained on them: far cheaper (DINO issue #141/#280) and what makes learning-rate sweeps affordable, but it
+  trained on them: far cheaper and what makes learning-rate sweeps affordable, but it
   is not the papers' protocol (no augmentation, no stochastic depth) and usually lands somewhat lower.
 
 Learning-rate sweeps cost little in both modes: the classifier parameters, optimizer state and learning rate
@@ -38,6 +38,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from swin_ssl.evaluators import common
+from swin_ssl.train.parallel import make_mesh
 
 PyTree = Any
 
@@ -228,7 +229,7 @@ def train_on_features(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
     Each epoch visits every training example once in a fresh random order; the last batch is padded and
     masked. The epoch is moved to the devices in chunks of at most ``max_chunk_bytes`` and scanned.
     """
-    mesh = mesh if mesh is not None else common.data_mesh()
+    mesh = mesh if mesh is not None else make_mesh()
     n_dev = mesh.devices.size
     bs = int(cfg["batch_size"])
     if bs % n_dev:
@@ -291,7 +292,7 @@ def train_augmented(feature_fn: Callable[..., jax.Array], backbone_params: PyTre
     from ``common.make_feature_fn`` (``train=True`` for MoBY: stochastic depth stays on). ``test_x`` are the
     frozen test features (centre crop, backbone in eval mode), extracted once by the caller.
     """
-    mesh = mesh if mesh is not None else common.data_mesh()
+    mesh = mesh if mesh is not None else make_mesh()
     bs = int(cfg["batch_size"])
     steps_per_epoch = math.ceil(num_train / bs)
     abs_lrs = _scaled_lrs(cfg, lrs)

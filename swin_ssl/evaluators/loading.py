@@ -1,9 +1,11 @@
-"""Getting the backbone parameters to evaluate: random init, a params file, or a training workdir.
+"""The one way to a stored backbone: :func:`load_network` (a training workdir or a params / converted file ->
+module, parameters, meta) and, under it, :func:`load_backbone` (random init, a params file or a restored
+checkpoint tree -> parameters for a given module).
 
 Every path ends in ``check_params``: the loaded tree must have exactly the parameter names and shapes the
-configured model expects, or evaluation stops with a message naming the missing, unexpected and mis-shaped
-parameters. A silent partial load is the failure mode behind esvit issue #8 (k-NN of a "released" model at
-~chance because nothing was actually loaded); ``strict=False`` loading is never done here.
+configured model expects, or loading stops with a message naming the missing, unexpected and mis-shaped
+parameters. A silent partial load would evaluate a network that was never loaded (k-NN at chance level), so
+``strict=False`` loading is never done here.
 """
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ import numpy as np
 
 PyTree = Any
 
-# Where the evaluated network sits in a training state / checkpoint (swin_ssl.train.state.TrainState):
-# online = state.params["backbone"], target = state.target_params["backbone"]. Imported official checkpoints
-# (swin_ssl/convert/) are backbone-only trees and are used as they are.
-NETWORK_KEYS = {"online": ("params", "online_params", "online", "student"),
-                "target": ("target_params", "ema_params", "params_ema", "target", "teacher")}
-BACKBONE_KEYS = ("backbone", "encoder")
+# Where each network's backbone sits in what this project writes: a training checkpoint
+# (``swin_ssl.train.state.TrainState``) and a converted file (``swin_ssl.convert``: MoBY online/target,
+# EsViT/DINO student/teacher). Backbone-only files hold ``{"backbone": {"params"}}`` (converted), ``{"params"}``
+# or the bare parameter tree.
+NETWORK_PATHS = {"online": (("params", "backbone"), ("online", "backbone", "params"), ("student", "backbone", "params")),
+                 "target": (("target_params", "backbone"), ("target", "backbone", "params"),
+                            ("teacher", "backbone", "params"))}
+BACKBONE_ONLY_PATHS = (("backbone", "params"), ("params",))
 
 
 class ParamMismatchError(ValueError):
@@ -72,34 +76,32 @@ def _as_dict(tree: Any) -> Any:
     return flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else tree
 
 
-def select_network(tree: PyTree, network: str) -> PyTree:
-    """The backbone of ``network`` ("online" | "target") inside a train state / checkpoint tree.
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = _as_dict(tree)
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return _as_dict(tree)
 
-    Trees without a network level (imported official backbones, ``{"params": backbone}`` files) are returned
-    as they are, after stripping a ``params`` / ``backbone`` wrapper.
-    """
-    if network not in NETWORK_KEYS:
+
+def select_network(tree: PyTree, network: str) -> PyTree:
+    """The backbone of ``network`` ("online" | "target") inside a train state, a restored checkpoint or a converted
+    file (``NETWORK_PATHS``); backbone-only trees are returned without their ``backbone`` / ``params`` wrapper."""
+    if network not in NETWORK_PATHS:
         raise ValueError(f"network must be 'online' or 'target', got {network!r}")
     tree = _as_dict(tree)
-    for wrapper in ("state", "train_state"):
-        if isinstance(tree, Mapping) and wrapper in tree and len(tree) <= 3:
-            tree = _as_dict(tree[wrapper])
-    if isinstance(tree, Mapping) and any(k in tree for k in NETWORK_KEYS["target"]):
-        key = next(k for k in NETWORK_KEYS[network] if k in tree) if any(
-            k in tree for k in NETWORK_KEYS[network]) else None
-        if key is None:
-            raise ParamMismatchError(f"checkpoint has no {network} network (top-level keys: {sorted(tree)})")
-        tree = _as_dict(tree[key])
-    elif isinstance(tree, Mapping) and network == "target" and any(k in tree for k in ("opt_state", "step")):
-        raise ParamMismatchError(f"checkpoint has no target/teacher parameters (top-level keys: {sorted(tree)}); "
-                                 "use network='online'")
-    for _ in range(3):  # unwrap {"params": {"backbone": ...}} and similar, in any order
-        if isinstance(tree, Mapping):
-            key = next((k for k in ("params",) + BACKBONE_KEYS if k in tree), None)
-            if key is not None:
-                tree = _as_dict(tree[key])
-                continue
-        break
+    for path in NETWORK_PATHS[network]:
+        found = _get(tree, path)
+        if found is not None:
+            return found
+    if any(_get(tree, path) is not None for paths in NETWORK_PATHS.values() for path in paths):
+        keys = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+        raise ParamMismatchError(f"checkpoint has no {network} network (top-level keys: {keys})")
+    for path in BACKBONE_ONLY_PATHS:
+        found = _get(tree, path)
+        if found is not None:
+            return found
     return tree
 
 
@@ -194,3 +196,32 @@ def load_backbone(model: Any, image_shape: tuple[int, ...], *, init: str, networ
     tree = select_network(tree, network)
     check_params(expected, tree, what)
     return cast_like(expected, tree)
+
+
+def load_network(source: str, network: str = "default", step: int | None = None) -> tuple[Any, PyTree, dict]:
+    """``(module, params, meta)`` of a stored backbone: a training workdir's checkpoint (latest, or ``step``) or a
+    params / converted file (``.msgpack`` from ``swin_ssl.convert``, ``.npz``, orbax directory) with its meta.
+
+    ``network``: "online", "target" (EMA teacher) or "default" (the objective's choice, ``meta["eval_backbone"]``).
+    The module is built by ``swin_ssl.models.from_config`` from the stored config, so it has the training geometry;
+    the parameters pass ``check_params``. ``meta`` gains ``network`` (the one chosen).
+    """
+    from swin_ssl import checkpoint
+    from swin_ssl.models import from_config, input_size
+
+    if os.path.isdir(os.path.join(os.path.expanduser(source), checkpoint.CHECKPOINT_DIR)):
+        tree, meta = restore_workdir(source, step)
+        init = "checkpoint"
+    else:
+        tree, meta = split_file_meta(load_params_file(source))
+        init = "params_file"
+    stored = meta.get("config") or {}
+    model_cfg = {"name": meta.get("model"), **(stored.get("model") or {})}
+    if not model_cfg["name"]:
+        raise ValueError(f"{source} names no model (a training workdir or a swin_ssl.convert file does); use "
+                         "evaluate.py with --config.model.name")
+    network = (meta.get("eval_backbone") or "target") if network == "default" else network
+    module = from_config(model_cfg, (stored.get("data") or {}).get("image_size"))
+    params = load_backbone(module, (*input_size(module), module.in_chans), init=init, network=network, tree=tree,
+                           what=f"{network} network of {source}")
+    return module, params, dict(meta, network=network)

@@ -29,10 +29,36 @@ import jax
 import numpy as np
 from absl import logging
 
+from swin_ssl import config_rules as rules
 from swin_ssl import storage
 from swin_ssl.evaluators import common, datasets, knn, linear, loading
+from swin_ssl.train.parallel import make_mesh
 
 PyTree = Any
+MODES = ("knn", "linear")
+INITS = ("checkpoint", "params_file", "random_init")
+NETWORKS = ("online", "target", "default")
+
+
+def check(config: Any) -> None:
+    """The rules of an evaluation config (one-line ``ValueError`` naming the key), checked before loading."""
+    for key, allowed in (("mode", MODES), ("init", INITS), ("network", NETWORKS), ("feature", common.FEATURE_KINDS)):
+        if config[key] not in allowed:
+            rules.fail(key, config[key], f"must be one of {', '.join(allowed)}")
+    rules.positive("batch_size", config.batch_size)
+    rules.positive("dataset.image_size", config.dataset.image_size)
+    if config.feature == "last_blocks":
+        rules.positive("n_last_blocks", config.n_last_blocks)
+    if config.mode == "knn":
+        rules.positive("knn.temperature", config.knn.temperature)
+        rules.positive("knn.query_chunk", config.knn.query_chunk)
+        for k in config.knn.ks:
+            rules.positive("knn.ks", k)
+    else:
+        for key in ("epochs", "batch_size", "base_lr"):
+            rules.positive(f"linear.{key}", config.linear[key])
+        for lr in config.linear.get("lrs") or ():
+            rules.positive("linear.lrs", lr)
 
 
 def build_model(config: Any, meta: dict | None = None):
@@ -40,21 +66,16 @@ def build_model(config: Any, meta: dict | None = None):
     ``model.overrides``, ``img_size`` = training image size, from the checkpoint's meta) unless the eval config
     names another model; ``model.norm_eps`` / ``window_size`` / ``img_size`` / ``drop_path_rate`` set in the eval
     config win. A model that does not fit the checkpoint is caught by the strict parameter check."""
-    from swin_ssl.models import create_model
+    from swin_ssl.models import from_config
 
     meta = meta or {}
     train_cfg = meta.get("config") or {}
-    train_model = train_cfg.get("model") or {}
     name = model_name(config, meta)
-    overrides: dict[str, Any] = {}
-    if name == train_model.get("name"):
-        overrides.update(train_model.get("overrides") or {})
-        if (train_cfg.get("data") or {}).get("image_size"):
-            overrides["img_size"] = int(train_cfg["data"]["image_size"])
-    overrides.update({k: config.model[k] for k in ("norm_eps", "window_size", "img_size", "drop_path_rate")
-                      if config.model.get(k) is not None})
-    overrides["num_classes"] = 0
-    return create_model(name, **overrides)
+    fields = {k: config.model[k] for k in ("norm_eps", "window_size", "img_size", "drop_path_rate")
+              if config.model.get(k) is not None}
+    if name != (train_cfg.get("model") or {}).get("name"):  # another model than the checkpoint's: its own preset
+        return from_config({"name": name}, None, **fields)
+    return from_config(train_cfg["model"], (train_cfg.get("data") or {}).get("image_size"), **fields)
 
 
 def model_name(config: Any, meta: dict | None = None) -> str:
@@ -169,8 +190,9 @@ def describe(config: Any, info: dict) -> dict[str, Any]:
 
 def evaluate(config: Any, workdir: str) -> dict[str, float]:
     """Runs the configured evaluation, prints/logs the metrics, writes ``workdir/results.json`` + TensorBoard."""
+    check(config)
     t0 = time.perf_counter()
-    mesh = common.data_mesh()
+    mesh = make_mesh()
     if config.feature == "raw_pixels":
         model, params, info = None, None, {}
     else:

@@ -1,9 +1,10 @@
 """Model factory: ``create_model(name, **overrides)`` -> a Linen module returning ``(out, features)``."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from swin_ssl.models.heads import DINOHead, MoBYMLP
 from swin_ssl.models.swin import SwinTransformer
@@ -46,4 +47,29 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     return cls(**{**preset, **overrides})
 
 
-__all__ = ["create_model", "MODEL_NAMES", "SwinTransformer", "VisionTransformer", "MoBYMLP", "DINOHead"]
+# config ``model.dtype`` -> the matmul dtype of the modules.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def from_config(model_cfg: Mapping[str, Any], image_size: int | None, **fields: Any) -> nn.Module:
+    """The backbone a config describes; the one place a backbone is built from a (training or stored) config.
+
+    ``model_cfg``: ``name`` and optional ``overrides`` (extra module fields, e.g. window_size, norm_eps), as in
+    ``config.model`` or a checkpoint's stored config. ``image_size`` (the training resolution, None = the preset's)
+    becomes ``img_size``, which decides Swin's per-stage windows and shifts and ViT's stored position grid, so
+    training, evaluation, conversion and export build the same geometry. ``overrides`` win over ``image_size``;
+    ``fields`` (dtype, drop_path_rate, remat, ...) win over both. The classification head is off (num_classes=0).
+    """
+    base: dict[str, Any] = {"num_classes": 0}
+    if image_size is not None:
+        base["img_size"] = int(image_size)
+    return create_model(model_cfg["name"], **{**base, **dict(model_cfg.get("overrides") or {}), **fields})
+
+
+def input_size(module: nn.Module) -> tuple[int, int]:
+    """(height, width) a backbone is configured for (``img_size``: an int or a pair)."""
+    size = module.img_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+__all__ = ["create_model", "from_config", "input_size", "DTYPES", "MODEL_NAMES", "SwinTransformer", "VisionTransformer", "MoBYMLP", "DINOHead"]

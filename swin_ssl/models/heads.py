@@ -26,7 +26,7 @@ class MoBYMLP(nn.Module):
     """in -> [Linear, BatchNorm, ReLU] x (num_layers - 1) -> Linear -> out (no BN/ReLU on the output).
 
     BatchNorm uses batch statistics whenever ``train`` is set, for the online *and* the target branch (the
-    official model runs entirely in train mode, trap T9); under ``jax.jit`` with a sharded batch the
+    official model runs entirely in train mode); under ``jax.jit`` with a sharded batch the
     statistics are global (SyncBN) automatically, under ``pmap`` pass ``axis_name``. PyTorch BN momentum
     0.1 is Flax momentum 0.9. Linear layers keep PyTorch's default init (MoBYMLP applies no trunc_normal).
     """

@@ -11,7 +11,7 @@ Where the official repositories disagree, this module follows EsViT, which is th
   * any other input size goes through the padding path of the Swin detection/EsViT code: the image is
     zero-padded to a multiple of the patch, each block pads its normed features right/bottom to a
     multiple of the window, and PatchMerging pads odd maps. So a 96-px local crop (24x24 tokens, W=7)
-    and rectangular images work. Padded tokens are *not* masked (EsViT, trap T8) unless
+    and rectangular images work. Padded tokens are *not* masked (as EsViT, whose weights were trained so; docs/fidelity.md) unless
     ``mask_padding=True``, which hides them from the attention with the same -100 bias as the shift mask.
 Relative-position indices and shifted-window masks are NumPy constants built at trace time, never
 variables, so checkpoints hold parameters only.

@@ -3,12 +3,12 @@
 This is the backbone of MoBY-DeiT-S and DINO. Parameter names mirror the timm/DINO state dict
 (``blocks.3.attn.qkv.weight`` is ``params/blocks_3/attn/qkv/kernel``; ``cls_token``, ``pos_embed``).
 The learned position embedding is stored for ``img_size``; other resolutions (96-px local crops)
-interpolate its patch grid bicubically, as DINO does. ``jax.image.resize`` uses the Keys cubic kernel
-(a=-0.5) where PyTorch uses a=-0.75, so interpolated embeddings differ slightly from DINO's; at the
-stored resolution no interpolation happens and the model is exact.
+interpolate its patch grid exactly as DINO's ``interpolate_pos_encoding`` does (see
+:func:`resize_position_embedding` and docs/fidelity.md).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -16,18 +16,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swin_ssl.bicubic import bicubic_matrix
 from swin_ssl.models.swin import DropPath, Mlp, PatchEmbed, dense_init
 
 Dtype = Any
 
 
 def resize_position_embedding(pos: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
-    """[1, 1 + n*n, D] (CLS first) -> [1, 1 + grid_h*grid_w, D], bicubic on the patch grid; CLS kept."""
-    n = int(round((pos.shape[1] - 1) ** 0.5))
+    """[1, 1 + n*n, D] (CLS first) -> [1, 1 + grid_h*grid_w, D]; the CLS embedding is kept.
+
+    DINO's rule: PyTorch bicubic (a=-0.75, no antialiasing) with ``scale_factor=(grid + 0.1) / n`` per axis; the
+    0.1 makes the output exactly ``grid`` rows while output pixels map back with ``n / (grid + 0.1)``.
+    """
+    n = math.isqrt(pos.shape[1] - 1)
     if (grid_h, grid_w) == (n, n):
         return pos
-    grid = pos[0, 1:].reshape(n, n, pos.shape[-1])
-    grid = jax.image.resize(grid, (grid_h, grid_w, pos.shape[-1]), method="bicubic")
+    rows = jnp.asarray(bicubic_matrix(n, grid_h, (grid_h + 0.1) / n), jnp.float32)
+    cols = jnp.asarray(bicubic_matrix(n, grid_w, (grid_w + 0.1) / n), jnp.float32)
+    grid = pos[0, 1:].reshape(n, n, pos.shape[-1]).astype(jnp.float32)
+    grid = jnp.einsum("oh,hwc,pw->opc", rows, grid, cols, precision=jax.lax.Precision.HIGHEST)
     return jnp.concatenate([pos[:, :1], grid.reshape(1, grid_h * grid_w, pos.shape[-1]).astype(pos.dtype)], axis=1)
 
 

@@ -5,26 +5,26 @@ The objective, as the official ``facebookresearch/dino`` / ``microsoft/esvit`` c
 * student = backbone + ``head`` (+ ``head_dense`` for EsViT's region term), both :class:`DINOHead`; the teacher
   has the same definitions, no drop path, and its parameters are an EMA of the student's, updated **after**
   the optimizer step with ``m = 1 - (1 - 0.996) (cos(pi k / K) + 1) / 2`` per step, heads included.
-* the teacher sees only the 2 global crops, the student all ``V`` crops (trap T16). For every pair
+* the teacher sees only the 2 global crops, the student all ``V`` crops. For every pair
   (teacher crop ``iq`` in the globals, student crop ``v != iq``) -- ``n_pairs = 2 V - 2`` pairs:
 
   - view term: ``CE(softmax((t_iq - c) / tau_t), log_softmax(s_v / tau_s))``, mean over the batch;
   - region term (EsViT): for each token of student crop ``v``, the token of teacher crop ``iq`` with the highest
-    cosine similarity of the *backbone* tokens (argmax, no gradient, trap T23); cross-entropy between that
+    cosine similarity of the *backbone* tokens (argmax, no gradient); cross-entropy between that
     teacher token's ``softmax((t_region - c_grid) / tau_t)`` and the student token's ``log_softmax(s / tau_s)``,
     mean over the student tokens of ``v``, mean over the batch.
 
   loss = mean over pairs of ``0.5 view + 0.5 region`` (EsViT) or of ``view`` (DINO).
 * centers ``c`` (view) and ``c_grid`` (region): EMA(0.9) of the mean teacher head output over both global
   crops x the global batch, resp. over all teacher tokens; updated **after** the loss, which uses the previous
-  value (trap T18); init 0, kept in ``state.obj_state``.
+  value; init 0, kept in ``state.obj_state``.
 * teacher temperature 0.04 -> 0.07: ``np.linspace`` over the warm-up epochs, then constant, indexed by the
-  **epoch** (trap T19): epoch ``e < W`` gets ``0.04 + 0.03 e / (W - 1)``, so epoch ``W - 1`` already has 0.07.
+  **epoch**: epoch ``e < W`` gets ``0.04 + 0.03 e / (W - 1)``, so epoch ``W - 1`` already has 0.07.
   Student temperature 0.1.
 The optimizer side (AdamW lr/wd schedules, per-parameter clipping at 3.0, last layer frozen during the first
 epoch) belongs to ``swin_ssl/train/optim.py``.
 
-Memory (trap T24): the region head sees ``B (2*49 + 8*9) = 170 B`` student tokens x 65536 logits per step.
+Memory: the region head sees ``B (2*49 + 8*9) = 170 B`` student tokens x 65536 logits per step.
 :func:`region_loss_chunked` runs ``head_dense`` + log-softmax + cross-entropy over chunks of tokens in a
 ``lax.scan`` whose body is ``jax.checkpoint``-ed, so only one chunk's logits (forward and backward) are alive
 at a time; the chunk size is ``config.dino.region_chunk_size`` (0 = one shot). Logits are fp32 (the heads
@@ -32,7 +32,6 @@ accumulate in fp32 even with bf16 matmuls), so the log-softmax is always fp32.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -40,10 +39,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from swin_ssl.models import DINOHead, create_model
+from swin_ssl import config_rules as rules
+from swin_ssl.models import DTYPES, DINOHead, from_config
 from swin_ssl.models.heads import l2_normalize
 from swin_ssl.objectives import multicrop
-from swin_ssl.train.state import Objective, TrainState, copy_tree, ema_update, identity_update
+from swin_ssl.train.state import (Objective, TrainState, copy_tree, cosine_momentum, ema_update,
+                                  identity_update)
 
 PyTree = Any
 
@@ -68,8 +69,7 @@ def teacher_temperature(step: jax.Array, steps_per_epoch: int, warmup_temp: floa
 
 def teacher_momentum(step: jax.Array, total_steps: int, base: float = 0.996) -> jax.Array:
     """``1 - (1 - base) (cos(pi step / total) + 1) / 2`` (official ``cosine_scheduler(base, 1, ...)[step]``)."""
-    progress = jnp.minimum(jnp.asarray(step, jnp.float32) / float(max(total_steps, 1)), 1.0)
-    return 1.0 - (1.0 - base) * (jnp.cos(math.pi * progress) + 1.0) / 2.0
+    return cosine_momentum(step, total_steps, base)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,8 +221,28 @@ def matched_entropy(probs: jax.Array, idx: jax.Array, weights: np.ndarray) -> ja
 # ------------------------------------------------------------------------------------------------
 # The objective.
 
-def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+# ``config.dino``: the EsViT / DINO recipe (``main_esvit.py`` / ``main_dino.py`` defaults); the trainer's known keys.
+DEFAULTS = dict(out_dim=65536, hidden_dim=2048, bottleneck_dim=256, num_layers=3, norm_last_layer=False, region=True,
+                view_weight=0.5, region_weight=0.5, teacher_temp=0.07, warmup_teacher_temp=0.04,
+                warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9, momentum=0.996,
+                region_chunk_size=17)  # 170 student tokens per image (2x49 + 8x9) -> 10 chunks
+
+
+def check(config: ml_collections.ConfigDict, durations) -> None:
+    """The rules of ``config.dino`` (one-line ``ValueError`` naming the key); ``durations`` bounds the warm-up."""
+    d = config.dino
+    for key in ("out_dim", "hidden_dim", "bottleneck_dim", "num_layers"):
+        rules.positive(f"dino.{key}", d[key])
+    for key in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
+        rules.positive(f"dino.{key}", d[key])
+    for key in ("momentum", "center_momentum", "view_weight", "region_weight"):
+        rules.unit_interval(f"dino.{key}", d[key])
+    if int(d.region_chunk_size) < 0:
+        rules.fail("dino.region_chunk_size", d.region_chunk_size, "must be >= 0 (0: all tokens at once)")
+    epochs, per_epoch, total = int(d.warmup_teacher_temp_epochs), durations.steps_per_epoch, durations.total_steps
+    if epochs < 0 or epochs * per_epoch > total:
+        rules.fail("dino.warmup_teacher_temp_epochs", epochs, f"the teacher-temperature warm-up ({epochs} epochs of "
+                   f"{per_epoch} steps) must not be longer than the run ({total} steps)")
 
 
 def build_networks(config: ml_collections.ConfigDict):
@@ -231,12 +251,11 @@ def build_networks(config: ml_collections.ConfigDict):
     ``head`` and ``head_dense`` (EsViT's region head) are the same module definition with separate parameters.
     """
     m, d = config.model, config.dino
-    common = dict(num_classes=0, dtype=_dtype(m.dtype), remat=bool(m.get("remat", False)),
-                  **dict(m.get("overrides", {}) or {}))
-    student = create_model(m.name, drop_path_rate=float(m.drop_path_rate), **common)
-    teacher = create_model(m.name, drop_path_rate=float(m.target_drop_path_rate), **common)
+    size, dtype, remat = int(config.data.image_size), DTYPES[m.dtype], bool(m.get("remat", False))
+    student = from_config(m, size, dtype=dtype, remat=remat, drop_path_rate=float(m.drop_path_rate))
+    teacher = from_config(m, size, dtype=dtype, remat=remat, drop_path_rate=float(m.target_drop_path_rate))
     head = DINOHead(out_dim=int(d.out_dim), hidden_dim=int(d.hidden_dim), bottleneck_dim=int(d.bottleneck_dim),
-                    num_layers=int(d.num_layers), norm_last_layer=bool(d.norm_last_layer), dtype=_dtype(m.dtype))
+                    num_layers=int(d.num_layers), norm_last_layer=bool(d.norm_last_layer), dtype=dtype)
     return student, teacher, head
 
 
@@ -334,6 +353,6 @@ def make_objective(config: ml_collections.ConfigDict, *, durations, axis_name: s
     return Objective(
         name="esvit" if dense else "dino", init=init, loss=loss, before_step=identity_update,
         after_step=after_step, schedules=schedules,
-        # EsViT/DINO evaluate the teacher (k-NN and linear), trap T14.
+        # EsViT/DINO evaluate the teacher (k-NN and linear); docs/fidelity.md
         eval_backbone="target",
     )

@@ -6,21 +6,21 @@ The objective, as the official ``Transformer-SSL/models/moby.py`` computes it (f
   (same definitions, drop path 0.0) whose *parameters* are an EMA of the online ones. Projector and predictor
   are :class:`~swin_ssl.models.heads.MoBYMLP` (in -> 4096 -> BN -> ReLU -> 256), with BatchNorm in batch-stats
   mode in *both* branches and statistics over the global batch of *one view* (the official code calls the
-  network once per view, trap T9). Target BN statistics come from the target's own forward; running
+  network once per view). Target BN statistics come from the target's own forward; running
   statistics are never EMA'd.
 * EMA **before** the key pass, so the keys use the pre-step online weights mixed in, over encoder+projector
   parameters only; momentum ``m = 1 - (1 - 0.99) * (cos(pi k / K) + 1) / 2`` with ``k`` the train step and ``K``
   the total number of steps. (The official code keeps ``k`` in a Python attribute set at construction, so a
-  resumed run restarts at 0.99 (trap T10); here ``k`` is ``state.step``, so it continues.)
-* loss = CE(q1 vs [k2, queue2]) + CE(q2 vs [k1, queue1]) at temperature 0.2, a **sum** of the two means
-  (trap T11); ``queue1`` holds target keys of view 1 and serves as negatives for view 2's prediction.
+  resumed run restarts at 0.99); here ``k`` is ``state.step``, so it continues.)
+* loss = CE(q1 vs [k2, queue2]) + CE(q2 vs [k1, queue1]) at temperature 0.2, a **sum** of the two means;
+  ``queue1`` holds target keys of view 1 and serves as negatives for view 2's prediction.
 * after the loss, the keys of the global batch are enqueued at ``ptr`` (``K % global_batch == 0``).
 
 Layout choices of this port:
 * queues are stored row-major ``[K, dim]`` (PyTorch: ``[dim, K]``), initialised as L2-normalised Gaussians;
 * both views go through each backbone in ONE call on the interleaved batch ``[b0v1, b0v2, b1v1, ...]`` (the
   backbones are per-sample networks -- LayerNorm only -- so this is the same math as two calls, traced once);
-  the heads are called once per view, so BatchNorm normalises each view over its own global batch (trap T9).
+  the heads are called once per view, so BatchNorm normalises each view over its own global batch.
   Interleaving (stack on axis 1, merge with the batch axis) keeps every example on the device that holds it
   under a batch-sharded jit. (Stacking views on a leading axis and ``vmap``-ing instead made XLA all-gather
   the images and compute the whole batch on every device: 8x the work on 8 devices, with identical numbers.)
@@ -30,16 +30,17 @@ Layout choices of this port:
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from swin_ssl.models import MoBYMLP, create_model
+from swin_ssl import config_rules as rules
+from swin_ssl.models import DTYPES, MoBYMLP, from_config
 from swin_ssl.models.heads import l2_normalize
-from swin_ssl.train.state import Objective, TrainState, copy_tree, ema_update, identity_update
+from swin_ssl.train.state import (Objective, TrainState, copy_tree, cosine_momentum, ema_update,
+                                  identity_update)
 
 PyTree = Any
 VIEWS = ("view1", "view2")
@@ -50,8 +51,7 @@ VIEWS = ("view1", "view2")
 
 def momentum_schedule(step: jax.Array, total_steps: int, base: float = 0.99) -> jax.Array:
     """``1 - (1 - base) * (cos(pi * step / total) + 1) / 2``: ``base`` at step 0, 1.0 at ``total_steps``."""
-    progress = jnp.minimum(jnp.asarray(step, jnp.float32) / float(max(total_steps, 1)), 1.0)
-    return 1.0 - (1.0 - base) * (jnp.cos(math.pi * progress) + 1.0) / 2.0
+    return cosine_momentum(step, total_steps, base)
 
 
 def init_queues(rng: jax.Array, size: int, dim: int) -> dict:
@@ -115,19 +115,31 @@ def _merge_running_stats(per_view: list) -> PyTree:
 # ------------------------------------------------------------------------------------------------
 # The objective.
 
-def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+# ``config.moby``: the official recipe (Transformer-SSL ``configs/moby_*.yaml``); the trainer's known keys.
+DEFAULTS = dict(queue_size=4096, temperature=0.2, momentum=0.99, proj_dim=256, proj_hidden_dim=4096,
+                pred_hidden_dim=4096, proj_layers=2, pred_layers=2)
+
+
+def check(config: ml_collections.ConfigDict, durations) -> None:
+    """The rules of ``config.moby`` (one-line ``ValueError`` naming the key)."""
+    del durations  # MoBY's schedules need no bound beyond the run's
+    mb, batch = config.moby, int(config.batch_size)
+    queue = int(mb.queue_size)
+    if queue <= 0 or queue % batch:
+        rules.fail("moby.queue_size", queue, f"must be a positive multiple of the global batch_size ({batch})")
+    rules.positive("moby.temperature", mb.temperature)
+    rules.unit_interval("moby.momentum", mb.momentum)
+    for key in ("proj_dim", "proj_hidden_dim", "pred_hidden_dim", "proj_layers", "pred_layers"):
+        rules.positive(f"moby.{key}", mb[key])
 
 
 def build_networks(config: ml_collections.ConfigDict, axis_name: str | None = None):
     """Online encoder, target encoder (no drop path), projector and predictor modules from the config."""
     m, mb = config.model, config.moby
-    # img_size decides Swin's per-stage windows/shifts (and ViT's position-embedding grid).
-    common = dict(num_classes=0, dtype=_dtype(m.dtype), img_size=int(config.data.image_size),
-                  remat=bool(m.get("remat", False)), **dict(m.get("overrides") or {}))
-    online = create_model(m.name, drop_path_rate=m.drop_path_rate, **common)
-    target = create_model(m.name, drop_path_rate=m.target_drop_path_rate, **common)
-    heads = dict(axis_name=axis_name, dtype=_dtype(m.dtype))
+    size, dtype, remat = int(config.data.image_size), DTYPES[m.dtype], bool(m.get("remat", False))
+    online = from_config(m, size, dtype=dtype, remat=remat, drop_path_rate=float(m.drop_path_rate))
+    target = from_config(m, size, dtype=dtype, remat=remat, drop_path_rate=float(m.target_drop_path_rate))
+    heads = dict(axis_name=axis_name, dtype=dtype)
     projector = MoBYMLP(hidden_dim=mb.proj_hidden_dim, out_dim=mb.proj_dim, num_layers=mb.proj_layers, **heads)
     predictor = MoBYMLP(hidden_dim=mb.pred_hidden_dim, out_dim=mb.proj_dim, num_layers=mb.pred_layers, **heads)
     return online, target, projector, predictor
@@ -219,6 +231,6 @@ def make_objective(config: ml_collections.ConfigDict, *, durations, axis_name: s
     return Objective(
         name="moby", init=init, loss=loss, before_step=before_step, after_step=identity_update,
         schedules=schedules,
-        # MoBY's linear protocol and downstream code use the online encoder (``encoder.*``), trap T14.
+        # MoBY's linear protocol and downstream code use the online encoder (``encoder.*``); docs/fidelity.md
         eval_backbone="online",
     )

@@ -3,7 +3,7 @@
 A multi-crop batch is a dict ``{"global0", "global1", "local0", ..., "local{N-1}"}`` of ``[B, H, W, C]``
 arrays (``swin_ssl/data``). The official wrappers (DINO's ``MultiCropWrapper``, EsViT's Swin ``forward``)
 group *consecutive* crops of equal width, concatenate each group on the batch axis, run the backbone once
-per group and concatenate the outputs crop-major (``[crop0 B, crop1 B, ...]``), globals first (trap T26).
+per group and concatenate the outputs crop-major (``[crop0 B, crop1 B, ...]``), globals first (the losses rely on that order).
 
 Here the crops of a group are interleaved *image-major* instead (``stack(axis=1)`` then merge ``[B, n]`` into
 ``B n``): one backbone call per group, the same per-sample arithmetic as the official concatenation (the
@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Mapping, Sequence
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,14 +82,14 @@ def multicrop_forward(apply_fn: Callable[..., tuple[jax.Array, dict]], crops: Se
     keys = None if rng is None else jax.random.split(rng, len(groups))
     pooled, tokens, counts = [], [], []
     for g, (start, end) in enumerate(groups):
-        n, b = end - start, crops[start].shape[0]
-        images = jnp.stack(crops[start:end], axis=1)  # [B, n, H, W, C]: image-major (see the module docstring)
-        _, feats = apply_fn(images.reshape((b * n,) + images.shape[2:]), None if keys is None else keys[g])
-        pooled.append(jnp.moveaxis(feats["pooled"].reshape(b, n, -1), 1, 0))  # [n, B, D]
-        if with_tokens:
-            _, h, w, d = feats["tokens"].shape  # [B n, h, w, D] -> [B, n h w, D], crop-major inside an image
-            tokens.append(feats["tokens"].reshape(b, n * h * w, d))
-            counts += [h * w] * n
+        n = end - start
+        # image-major batch (see the module docstring): the n crops of one image are neighbours
+        images = einops.rearrange(jnp.stack(crops[start:end]), "n b h w c -> (b n) h w c")
+        _, feats = apply_fn(images, None if keys is None else keys[g])
+        pooled.append(einops.rearrange(feats["pooled"], "(b n) d -> n b d", n=n))
+        if with_tokens:  # crop-major inside an image
+            tokens.append(einops.rearrange(feats["tokens"], "(b n) h w d -> b (n h w) d", n=n))
+            counts += [feats["tokens"].shape[1] * feats["tokens"].shape[2]] * n
     pooled = jnp.concatenate(pooled, axis=0)
     if not with_tokens:
         return pooled, None, ()

@@ -13,12 +13,75 @@ locals at ``data.local_size``).
 """
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import ml_collections
 import numpy as np
 
+from swin_ssl import config_rules as rules
+
 SOURCE_NAMES = {"image_folder": "folder"}  # config.data.name -> swin_ssl.data pipeline ``source``
+# ``config.data`` keys beyond the pipeline's own fields (``swin_ssl.data.pipeline.default_config``).
+EXTRA_KEYS = ("name", "data_dir", "manual_dir", "num_train_examples")
+
+
+def known_keys() -> set[str]:
+    """The keys ``config.data`` may have: the pipeline's fields (both augmentations) and ``EXTRA_KEYS``."""
+    from swin_ssl.data.pipeline import default_config
+
+    keys = set(EXTRA_KEYS)
+    for augment in ("moby", "multicrop"):
+        keys.update(default_config(augment).keys())
+    return keys - {"source"}
+
+
+def _check_range(key: str, value, low: float, high: float) -> None:
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        rules.fail(key, value, "must be a pair (min, max)")
+    if not low <= a <= b <= high:
+        rules.fail(key, tuple(value), f"must satisfy {low} <= min <= max <= {high}")
+
+
+def check(config: ml_collections.ConfigDict, patch_size: int) -> None:
+    """The rules of ``config.data`` (sizes, crop scales, where the data is); ``patch_size`` of the backbone.
+
+    Local crops are not at the model's configured resolution: Swin pads their token maps to whole windows (and odd
+    maps before patch merging), ViT interpolates its position embedding; both need whole patches."""
+    data = config.data
+    rules.positive("data.image_size", data.image_size)
+    rules.positive("data.num_train_examples", data.num_train_examples)
+    _check_range("data.crop_scale", data.get("crop_scale", (0.08, 1.0)), 1e-6, 1.0)
+    if data.get("augment", "moby") == "multicrop":
+        _check_range("data.local_scale", data.get("local_scale", (0.05, 0.4)), 1e-6, 1.0)
+        num_local, local, size = int(data.num_local_crops), int(data.local_size), int(data.image_size)
+        if num_local < 0:
+            rules.fail("data.num_local_crops", num_local, "must be >= 0")
+        if num_local and (local <= 0 or local % patch_size):
+            rules.fail("data.local_size", local, f"must be a positive multiple of the {config.model.name} patch "
+                       f"size {patch_size}")
+        if num_local and local > size:
+            rules.fail("data.local_size", local, f"local crops must not be larger than the global crops "
+                       f"(data.image_size={size})")
+    _check_location(data)
+
+
+def _check_location(data: ml_collections.ConfigDict) -> None:
+    """The data must be where the config says (checked before anything heavy is built)."""
+    name, data_dir = data.name, data.get("data_dir") or ""
+    if name == "image_folder" and not data_dir:
+        rules.fail("data.data_dir", data_dir, "is required for data.name='image_folder' (root of "
+                   "<split>/<class>/<image>)")
+    if data_dir and "://" not in data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+        rules.fail("data.data_dir", data_dir, "directory does not exist")
+    if name == "fashion_mnist":
+        from swin_ssl.data import fashion_mnist
+        try:
+            fashion_mnist.find_dir(data_dir or None)
+        except ValueError as e:
+            rules.fail("data.data_dir", data_dir, str(e).replace("\n", " "))
 
 
 def view_sizes(data: ml_collections.ConfigDict) -> dict[str, int]:

@@ -209,7 +209,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metrics_lib.quiet_library_logs()
     parallel_lib.maybe_initialize_distributed(config.get("distributed"))
     durations = validate(config, device_count=jax.device_count(), process_count=jax.process_count())
-    workdir_lib.check(config)
     workdir = str(storage.as_path(workdir))
     lock = workdir_lib.WorkdirLock(workdir, float(config.resume.lock_timeout_seconds)) if hosts.is_leader() else None
     hosts.leader_decides(lock.acquire if lock else None)

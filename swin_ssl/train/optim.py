@@ -1,6 +1,6 @@
 """Optimizer and schedules from the config: AdamW + warmup/cosine lr, weight-decay schedule, clipping, freezing.
 
-Every schedule is a pure function of the step (design decision 3); optax keeps its own update counters in
+Every schedule is a pure function of the step, so a resumed run needs no scheduler state; optax keeps its own update counters in
 ``opt_state``, which start at 0 with ``state.step`` and advance with it, so a restored state continues the
 schedules exactly.
 
@@ -13,24 +13,23 @@ The chain (what one update does, in order)::
     -> freeze: zero the *updates* of params matching ``freeze_patterns`` while step < freeze_steps
 
 Learning-rate schedule (:func:`warmup_cosine`): linear warmup from ``warmup_lr`` to ``peak`` over
-``warmup_steps``, then cosine to ``min_lr`` at ``total_steps``. Where the cosine is measured from:
+``warmup_steps``, then cosine to ``min_lr`` at ``total_steps``, with each official loop's step indexing:
 
 * ``cosine_from_start=True`` reproduces MoBY's timm ``CosineLRScheduler(warmup_prefix=False, t_in_epochs=False)``:
   the cosine is ``min + (peak - min)(1 + cos(pi t / T)) / 2`` of the *global* step ``t``, so right after warmup
-  the lr is already slightly below the peak (a small drop at ``t = warmup``). The MoBY configs use this.
-* ``cosine_from_start=False`` (DINO/EsViT ``cosine_scheduler``, timm ``warmup_prefix=True``): the cosine starts at
-  the peak when warmup ends and runs over the remaining ``T - warmup`` steps; no drop.
+  the lr is already slightly below the peak (a small drop at ``t = warmup``), and the scheduler is advanced after
+  each update, so update ``i`` uses its value at ``i - 1``. The MoBY configs use this.
+* ``cosine_from_start=False`` (DINO/EsViT ``cosine_scheduler``): warmup ``linspace(warmup_lr, peak, W)``, then the
+  cosine starts at the peak and runs over the remaining ``T - warmup`` steps; no drop.
 
-Known differences from the PyTorch references, all at the level of one step: timm sets the lr for step ``i``
-after step ``i-1`` (``step_update`` follows ``optimizer.step``), so its update ``i >= 1`` uses ``lr(i - 1)``; here
-update ``i`` uses ``lr(i)``. DINO's warmup is ``linspace(0, peak, W)`` (reaches the peak at ``W - 1``); here
-``t / W``. torch's clip_grad_norm_ divides by ``norm + 1e-6``; ``optax.clip_by_global_norm`` by ``norm``.
+One known difference stays (docs/fidelity.md): torch's clip_grad_norm_ divides by ``norm + 1e-6``,
+``optax.clip_by_global_norm`` by ``norm``.
 
 Weight decay: applied to every parameter with ``ndim >= 2`` (kernels, Swin's relative-position tables, ViT's
-pos_embed/cls_token -- the MoBY wrapper has no no-weight-decay hooks, trap T13) and never to biases or 1-D
+pos_embed/cls_token -- the MoBY wrapper has no no-weight-decay hooks) and never to biases or 1-D
 parameters (LayerNorm/BN scales and offsets). ``no_decay_keywords`` excludes more by path substring.
 
-Freezing (DINO's ``freeze_last_layer``, trap T21): PyTorch drops the gradients, so AdamW skips the tensor
+Freezing (DINO's ``freeze_last_layer``): PyTorch drops the gradients, so AdamW skips the tensor
 entirely: no decay, no moment update, and its per-parameter step counter does not advance, so the first update
 after the freeze is a fresh Adam step (bias correction from t=1). Here the frozen tensors get their own
 ``scale_by_adam`` (``optax.multi_transform``) that is paused during the freeze (moments and count untouched), and
@@ -45,9 +44,47 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from ml_collections import config_dict
+
+from swin_ssl import config_rules as rules
 
 PyTree = Any
 Schedule = Callable[[jax.Array], jax.Array]
+CLIP_MODES = ("global", "per_param", "none")
+
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """A fresh ``config.optim`` block (its placeholders are never shared between configs): MoBY's AdamW recipe
+    (timm optimizer + scheduler), whose keys are the ones the trainer reads. The EsViT/DINO recipes change values."""
+    return ml_collections.ConfigDict(dict(
+        base_lr=1e-3, warmup_lr=5e-7, min_lr=5e-6, lr_batch_base=512,  # all scaled by batch_size / lr_batch_base
+        scale_min_lr=True,
+        cosine_from_start=True,  # timm CosineLRScheduler(warmup_prefix=False), stepped after each update
+        b1=0.9, b2=0.999, eps=1e-8,
+        weight_decay=0.05, weight_decay_end=config_dict.placeholder(float),  # None: constant
+        clip_mode="global", clip_norm=5.0,
+        no_decay_keywords=(),
+        decay_keywords=(),
+        freeze_patterns=(), freeze_epochs=0.0, freeze_steps=config_dict.placeholder(int),
+    ))
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """The rules of ``config.optim`` (one-line ``ValueError`` naming the key)."""
+    o = config.optim
+    for key in ("base_lr", "warmup_lr", "min_lr", "weight_decay", "freeze_epochs"):
+        rules.non_negative(f"optim.{key}", o[key])
+    if o.get("weight_decay_end") is not None:
+        rules.non_negative("optim.weight_decay_end", o.weight_decay_end)
+    rules.positive("optim.lr_batch_base", o.lr_batch_base)
+    rules.positive("optim.eps", o.eps)
+    for key in ("b1", "b2"):
+        rules.unit_interval(f"optim.{key}", o[key])
+    if o.clip_mode not in CLIP_MODES:
+        rules.fail("optim.clip_mode", o.clip_mode, "must be 'global', 'per_param' or 'none'")
+    if o.clip_mode != "none":
+        rules.positive("optim.clip_norm", o.clip_norm)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,20 +92,28 @@ Schedule = Callable[[jax.Array], jax.Array]
 
 def warmup_cosine(peak: float, total_steps: int, warmup_steps: int = 0, warmup_init: float = 0.0,
                   end: float = 0.0, cosine_from_start: bool = False) -> Schedule:
-    """Linear warmup ``warmup_init -> peak`` over ``warmup_steps``, then cosine ``-> end`` at ``total_steps``."""
+    """The learning rate of update ``step`` (0-based): linear warmup ``warmup_init -> peak`` over ``warmup_steps``,
+    then cosine ``-> end`` at ``total_steps``, indexed exactly as the official training loops apply it.
+
+    ``cosine_from_start=True``: timm's ``CosineLRScheduler(warmup_prefix=False)`` value ``v(t)`` (cosine of the
+    global step ``t / total``; warmup ``warmup_init + (peak - warmup_init) t / W``), which MoBY's loop sets *after*
+    each ``optimizer.step()``: update ``i`` runs with ``v(i - 1)`` and update 0 with the initial ``v(0)``.
+    ``cosine_from_start=False``: DINO/EsViT's ``cosine_scheduler`` array, read *before* each update: warmup
+    ``linspace(warmup_init, peak, W)`` (the peak at ``W - 1``), then the cosine over the remaining steps.
+    """
     total, warmup = max(int(total_steps), 1), int(warmup_steps)
 
     def schedule(step):
         t = jnp.asarray(step, jnp.float32)
         if cosine_from_start:
-            progress = t / total
+            t = jnp.maximum(t - 1.0, 0.0)  # the value timm set after the previous update
+            progress, ramp_len = t / total, warmup
         else:
-            progress = (t - warmup) / max(total - warmup, 1)
-        progress = jnp.clip(progress, 0.0, 1.0)
-        cosine = end + 0.5 * (peak - end) * (1.0 + jnp.cos(math.pi * progress))
+            progress, ramp_len = (t - warmup) / max(total - warmup, 1), max(warmup - 1, 1)
+        cosine = end + 0.5 * (peak - end) * (1.0 + jnp.cos(math.pi * jnp.clip(progress, 0.0, 1.0)))
         if warmup <= 0:
             return cosine
-        ramp = warmup_init + (peak - warmup_init) * t / warmup
+        ramp = warmup_init + (peak - warmup_init) * t / ramp_len
         return jnp.where(t < warmup, ramp, cosine)
 
     return schedule
@@ -84,10 +129,7 @@ def cosine_between(start: float, end: float, total_steps: int) -> Schedule:
 
 def path_str(path) -> str:
     """``(DictKey('backbone'), DictKey('norm'), ...)`` -> ``"backbone/norm/..."``."""
-    parts = []
-    for k in path:
-        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-    return "/".join(parts)
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def weight_decay_mask(params: PyTree, no_decay_keywords: Sequence[str] = (),
@@ -120,7 +162,7 @@ def clip_by_per_param_norm(max_norm: float) -> optax.GradientTransformation:
     """Scale each gradient tensor to L2 norm <= ``max_norm`` independently (DINO/EsViT ``clip_gradients``).
 
     Not ``optax.clip_by_global_norm`` (one norm over all tensors) nor ``optax.clip_by_block_rms`` (RMS, not
-    L2). Same formula as the reference: ``g * min(1, max_norm / (||g|| + 1e-6))``.
+    L2). Same formula as EsViT/DINO's: ``g * min(1, max_norm / (||g|| + 1e-6))``.
     """
     def update(updates, state, params=None):
         del params

@@ -1,4 +1,4 @@
-"""Device placement (design decision 4): jit over a ``("data",)`` mesh by default, pmap on request.
+"""Device placement: jit over a ``("data",)`` mesh by default, pmap on request.
 
 ``jit`` (default): the batch is one global ``jax.Array`` sharded over ``"data"``, the state is replicated, the
 step is ``jax.jit(..., donate_argnums=0)``. BatchNorm statistics, MoBY's enqueue and DINO's centers are global

@@ -1,4 +1,4 @@
-"""The train state (design decision 2) and the small protocol an SSL objective implements.
+"""The train state (everything a resumed run needs, in one pytree) and the small protocol an SSL objective implements.
 
 Everything a step reads or writes lives in one pytree, :class:`TrainState`, so that a step is a pure
 function ``(state, batch) -> (state, metrics)``, the whole state can be donated, sharded, checkpointed
@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import optax
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -93,8 +94,15 @@ def copy_tree(tree: PyTree) -> PyTree:
     return jax.tree.map(jnp.copy, tree)
 
 
+def cosine_momentum(step: jax.Array, total_steps: int, base: float) -> jax.Array:
+    """EMA momentum ``1 - (1 - base)(cos(pi step / total) + 1) / 2``: ``base`` at step 0, 1 from ``total_steps`` on
+    (MoBY's and DINO's schedule; ``optax.cosine_decay_schedule`` of ``1 - base``)."""
+    return 1.0 - optax.cosine_decay_schedule(1.0 - base, max(int(total_steps), 1))(step)
+
+
 def ema_update(target: PyTree, online: PyTree, momentum: jax.Array) -> PyTree:
-    """``target <- m * target + (1 - m) * online`` leaf by leaf (the PyTorch in-place EMA)."""
+    """``target <- m * target + (1 - m) * online`` leaf by leaf: the PyTorch in-place EMA's arithmetic
+    (``optax.incremental_update`` weighs the target by ``1 - (1 - m)``, not bitwise ``m``)."""
     return jax.tree.map(lambda t, o: t * momentum + o * (1.0 - momentum), target, online)
 
 

@@ -6,38 +6,44 @@ Every failure is a one-line ``ValueError`` that names the config key and the rul
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import os
+import importlib
 
 import ml_collections
 
-# config.objective -> swin_ssl.objectives.<module>; the objective's settings live in config.<module>.
+from swin_ssl import config_rules as rules
+
+# config.objective -> swin_ssl.objectives.<module>; the objective's settings live in config.<module>, whose
+# ``DEFAULTS`` are its known keys and whose ``check(config, durations)`` holds its rules.
 OBJECTIVE_MODULES = {"moby": "moby", "esvit": "dino", "dino": "dino"}
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")  # float16 would need loss scaling
 NONFINITE_POLICIES = ("stop", "skip")
 
-# The keys the trainer reads, per block (``configs/common.py`` documents them). Blocks named in FREE_FORM take any
-# key (model constructor fields, evaluator kwargs); ``data`` is checked against the pipeline's own fields.
-SCHEMA = {
-    "": ("objective", "seed", "model", "data", "batch_size", "total_epochs", "total_steps", "warmup_epochs",
-         "warmup_steps", "optim", "parallelism", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-         "async_checkpointing", "stop_after_steps", "on_nonfinite", "max_skipped_steps", "evals", "distributed",
-         "moby", "dino", "resume"),
-    "model": ("name", "drop_path_rate", "target_drop_path_rate", "dtype", "remat", "overrides"),
-    "moby": ("queue_size", "temperature", "momentum", "proj_dim", "proj_hidden_dim", "pred_hidden_dim",
-             "proj_layers", "pred_layers"),
-    "dino": ("out_dim", "hidden_dim", "bottleneck_dim", "num_layers", "norm_last_layer", "region", "view_weight",
-             "region_weight", "teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_epochs", "student_temp",
-             "center_momentum", "momentum", "region_chunk_size"),
-    "optim": ("base_lr", "warmup_lr", "min_lr", "scale_min_lr", "lr_batch_base", "cosine_from_start", "b1", "b2", "eps",
-              "weight_decay", "weight_decay_end", "clip_mode", "clip_norm", "no_decay_keywords", "decay_keywords",
-              "freeze_patterns", "freeze_epochs", "freeze_steps"),
-    "evals": ("every_steps", "fn", "kwargs"),
-    "distributed": ("initialize", "coordinator_address", "num_processes", "process_id", "cpu_collectives"),
-    "resume": ("allow_fresh_start", "allow_config_change", "read_retries", "retry_seconds", "lock_timeout_seconds"),
-}
+# The trainer's own keys (``configs/common.py`` documents them); the model, optimizer, data and objective blocks
+# take their keys from the module that reads them (``_schema``). FREE_FORM blocks take any key (model constructor
+# fields, evaluator kwargs).
+RUN_KEYS = ("objective", "seed", "model", "data", "batch_size", "total_epochs", "total_steps", "warmup_epochs",
+            "warmup_steps", "optim", "parallelism", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+            "async_checkpointing", "stop_after_steps", "on_nonfinite", "max_skipped_steps", "evals", "distributed",
+            "moby", "dino", "resume")
+MODEL_KEYS = ("name", "drop_path_rate", "target_drop_path_rate", "dtype", "remat", "overrides")
+EVALS_KEYS = ("every_steps", "fn", "kwargs")
+DISTRIBUTED_KEYS = ("initialize", "coordinator_address", "num_processes", "process_id", "cpu_collectives")
 FREE_FORM = ("model.overrides", "evals.kwargs")
-DATA_EXTRA_KEYS = ("name", "data_dir", "manual_dir", "num_train_examples")
+
+
+def objective_module(name: str):
+    """The ``swin_ssl.objectives`` module of ``config.objective``."""
+    return importlib.import_module(f"swin_ssl.objectives.{OBJECTIVE_MODULES[name]}")
+
+
+def _schema() -> dict:
+    from swin_ssl.objectives import dino, moby
+    from swin_ssl.train import data, optim, workdir
+
+    return {"": RUN_KEYS, "model": MODEL_KEYS, "evals": EVALS_KEYS, "distributed": DISTRIBUTED_KEYS,
+            "resume": tuple(workdir.default_config()),
+            "optim": tuple(optim.defaults()), "moby": tuple(moby.DEFAULTS), "dino": tuple(dino.DEFAULTS),
+            "data": tuple(data.known_keys())}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +64,7 @@ def _steps(config, name: str, steps_per_epoch: int) -> int | None:
 
 
 def durations(config: ml_collections.ConfigDict) -> Durations:
-    """Epochs -> steps with ``steps_per_epoch = num_train_examples // batch_size`` (drop_last, as the reference)."""
+    """Epochs -> steps with ``steps_per_epoch = num_train_examples // batch_size`` (drop_last, as the official loaders)."""
     per_epoch = max(int(config.data.num_train_examples) // int(config.batch_size), 1)
     total = _steps(config, "total", per_epoch)
     warmup = _steps(config, "warmup", per_epoch) or 0
@@ -66,35 +72,22 @@ def durations(config: ml_collections.ConfigDict) -> Durations:
     return Durations(per_epoch, total or 0, warmup, freeze)
 
 
-def _fail(key: str, value, rule: str):
-    raise ValueError(f"config.{key}={value!r}: {rule}")
-
-
-def _data_keys() -> set[str]:
-    from swin_ssl.data.pipeline import default_config
-
-    keys = set(DATA_EXTRA_KEYS)
-    for augment in ("moby", "multicrop"):
-        keys.update(default_config(augment).keys())
-    return keys - {"source"}
+_fail = rules.fail
 
 
 def check_keys(config: ml_collections.ConfigDict) -> None:
     """Every key must be one the trainer reads: a config file's typo (``c.optim.weight_decy = 0.1``) would otherwise
     add a new, silently ignored field (``--config.x=y`` typos already fail in ``config_flags``)."""
-    def check(block: ml_collections.ConfigDict, prefix: str, known) -> None:
+    schema = _schema()
+
+    def check(block: ml_collections.ConfigDict, prefix: str) -> None:
+        rules.known_keys(block, schema.get(prefix[:-1], ()), prefix)
         for key in block.keys():
             name = f"{prefix}{key}"
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-                raise ValueError(f"config.{name}: unknown key{hint} (known in config{'.' + prefix[:-1] if prefix else ''}:"
-                                 f" {', '.join(sorted(known))})")
-            value = block[key]
-            if isinstance(value, ml_collections.ConfigDict) and name not in FREE_FORM:
-                check(value, f"{name}.", _data_keys() if name == "data" else SCHEMA.get(name, ()))
+            if isinstance(block[key], ml_collections.ConfigDict) and name not in FREE_FORM:
+                check(block[key], f"{name}.")
 
-    check(config, "", SCHEMA[""])
+    check(config, "")
     for key in ("objective", "model", "data", "batch_size", "optim", "evals"):
         if key not in config:
             _fail(key, None, "is required")
@@ -104,10 +97,24 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
 
 
 def _model(config: ml_collections.ConfigDict):
-    from swin_ssl.models import create_model  # cheap: building a module does not initialise it
+    from swin_ssl.models import from_config  # cheap: building a module does not initialise it
 
-    overrides = dict(config.model.get("overrides") or {})
-    return create_model(config.model.name, **{"num_classes": 0, "img_size": int(config.data.image_size), **overrides})
+    return from_config(config.model, int(config.data.image_size))
+
+
+def check_model(config: ml_collections.ConfigDict) -> None:
+    """The model block: a known name, a dtype the trainer supports, stochastic-depth rates in [0, 1]."""
+    from swin_ssl.models import MODEL_NAMES
+
+    m = config.model
+    if m.name not in MODEL_NAMES:
+        _fail("model.name", m.name, f"unknown model; known: {', '.join(MODEL_NAMES)}")
+    if m.dtype == "float16":
+        _fail("model.dtype", m.dtype, "float16 needs loss scaling, which the trainer does not do; use bfloat16")
+    if m.dtype not in DTYPES:
+        _fail("model.dtype", m.dtype, f"must be one of {', '.join(DTYPES)}")
+    for key in ("drop_path_rate", "target_drop_path_rate"):
+        rules.unit_interval(f"model.{key}", m[key])
 
 
 def check_resolution(config: ml_collections.ConfigDict, model) -> None:
@@ -131,76 +138,24 @@ def check_resolution(config: ml_collections.ConfigDict, model) -> None:
             res //= 2
 
 
-def _check_range(key: str, value, low: float, high: float) -> None:
-    try:
-        a, b = (float(v) for v in value)
-    except (TypeError, ValueError):
-        _fail(key, value, "must be a pair (min, max)")
-    if not low <= a <= b <= high:
-        _fail(key, tuple(value), f"must satisfy {low} <= min <= max <= {high}")
-
-
-def check_crops(config: ml_collections.ConfigDict, model) -> None:
-    """Crop scales are fractions of the image; local crops must be sizes the backbone can run on.
-
-    Local crops are not at the model's configured resolution: Swin pads their token maps to whole windows (and odd
-    maps before patch merging), ViT interpolates its position embedding; both need whole patches."""
-    data = config.data
-    _check_range("data.crop_scale", data.get("crop_scale", (0.08, 1.0)), 1e-6, 1.0)
-    if data.get("augment", "moby") != "multicrop":
-        return
-    _check_range("data.local_scale", data.get("local_scale", (0.05, 0.4)), 1e-6, 1.0)
-    num_local, local, size = int(data.num_local_crops), int(data.local_size), int(data.image_size)
-    if num_local < 0:
-        _fail("data.num_local_crops", num_local, "must be >= 0")
-    if num_local == 0:
-        return
-    patch = int(model.patch_size)
-    if local <= 0 or local % patch:
-        _fail("data.local_size", local, f"must be a positive multiple of the {config.model.name} patch size {patch}")
-    if local > size:
-        _fail("data.local_size", local, f"local crops must not be larger than the global crops (data.image_size={size})")
-
-
 def check_schedules(config: ml_collections.ConfigDict, d: "Durations") -> None:
-    """Every schedule must end within the run (a 30-epoch teacher warm-up in a 10-epoch run is a config mistake)."""
+    """The warm-up and the frozen phase must end within the run (the objectives bound their own schedules)."""
     if not 0 <= d.warmup_steps < d.total_steps:
         _fail("warmup_steps", d.warmup_steps, f"warmup must be shorter than the run ({d.total_steps} steps)")
     if not 0 <= d.freeze_steps < d.total_steps:
         _fail("optim.freeze_steps", d.freeze_steps, f"the frozen phase must be shorter than the run ({d.total_steps} steps)")
-    if OBJECTIVE_MODULES[config.objective] == "dino":
-        epochs = int(config.dino.warmup_teacher_temp_epochs)
-        if epochs < 0 or epochs * d.steps_per_epoch > d.total_steps:
-            _fail("dino.warmup_teacher_temp_epochs", epochs, f"the teacher-temperature warm-up ({epochs} epochs of "
-                  f"{d.steps_per_epoch} steps) must not be longer than the run ({d.total_steps} steps)")
-
-
-def check_data(config: ml_collections.ConfigDict) -> None:
-    """The data must be where the config says (checked before anything heavy is built)."""
-    name, data_dir = config.data.name, config.data.get("data_dir") or ""
-    if name == "image_folder" and not data_dir:
-        _fail("data.data_dir", data_dir, "is required for data.name='image_folder' (root of <split>/<class>/<image>)")
-    if data_dir and "://" not in data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
-        _fail("data.data_dir", data_dir, "directory does not exist")
-    if name == "fashion_mnist":
-        from swin_ssl.data import fashion_mnist
-        try:
-            fashion_mnist.find_dir(data_dir or None)
-        except ValueError as e:
-            _fail("data.data_dir", data_dir, str(e).replace("\n", " "))
 
 
 def validate(config: ml_collections.ConfigDict, *, device_count: int, process_count: int = 1) -> Durations:
     """All checks; returns the durations in steps. Call before building models or compiling anything."""
-    from swin_ssl.models import MODEL_NAMES
+    from swin_ssl.train import data, optim, workdir
 
     if config.get("objective") not in OBJECTIVE_MODULES:
         _fail("objective", config.get("objective"), f"unknown objective; known: {', '.join(sorted(OBJECTIVE_MODULES))}")
     check_keys(config)
-    if config.model.name not in MODEL_NAMES:
-        _fail("model.name", config.model.name, f"unknown model; known: {', '.join(MODEL_NAMES)}")
-    if config.model.dtype not in DTYPES:
-        _fail("model.dtype", config.model.dtype, f"must be one of {', '.join(DTYPES)}")
+    if int(config.seed) < 0:
+        _fail("seed", config.seed, "must be >= 0")
+    check_model(config)
     if config.parallelism not in ("jit", "pmap"):
         _fail("parallelism", config.parallelism, "must be 'jit' or 'pmap'")
     batch = int(config.batch_size)
@@ -210,20 +165,17 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
         _fail("batch_size", batch, f"must be divisible by the number of processes ({process_count})")
     if batch % device_count:
         _fail("batch_size", batch, f"must be divisible by the number of devices ({device_count})")
-    if config.objective == "moby":
-        queue = int(config.moby.queue_size)
-        if queue <= 0 or queue % batch:
-            _fail("moby.queue_size", queue, f"must be a positive multiple of the global batch_size ({batch})")
-    if config.optim.clip_mode not in ("global", "per_param", "none"):
-        _fail("optim.clip_mode", config.optim.clip_mode, "must be 'global', 'per_param' or 'none'")
-    check_data(config)
+    optim.check(config)
+    rules.positive("data.image_size", config.data.image_size)
     model = _model(config)
+    data.check(config, int(model.patch_size))
     check_resolution(config, model)
-    check_crops(config, model)
     d = durations(config)
     if d.total_steps <= 0:
         _fail("total_steps", config.get("total_steps"), "set total_steps or total_epochs to a positive duration")
     check_schedules(config, d)
+    objective_module(config.objective).check(config, d)
+    workdir.check(config)
     for key in ("log_every_steps", "checkpoint_every_steps"):
         if int(config[key]) <= 0:
             _fail(key, config[key], "must be positive")
