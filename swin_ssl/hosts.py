@@ -57,16 +57,20 @@ def gather_ints(value: int) -> list[int]:
 
 
 def leader_decides(decide: Callable[[], Any]) -> Any:
-    """Runs ``decide()`` on process 0 only and returns its result on every process; an error it raises (of the
-    kinds above) is raised on every process with the same message, so no host is left waiting in a collective."""
-    outcome = None
+    """Runs ``decide()`` on process 0 only and returns its result on every process. An error it raises is raised
+    on every process with the same message (the kinds above as themselves, any other as RuntimeError on the other
+    processes), so no host is left waiting in a collective."""
+    outcome, error = None, None
     if is_leader():
         try:
             outcome = {"value": decide()}
-        except tuple(_ERRORS.values()) as e:
-            kind = next(name for name, cls in _ERRORS.items() if isinstance(e, cls))
-            outcome = {"error": kind, "message": str(e)}
+        except Exception as e:  # noqa: BLE001 -- every process must learn of it
+            error = e
+            kind = next((name for name, cls in _ERRORS.items() if isinstance(e, cls)), None)
+            outcome = {"error": kind, "message": str(e) if kind else f"{type(e).__name__}: {e}"}
     outcome = broadcast_json(outcome)
+    if error is not None:
+        raise error
     if "error" in outcome:
-        raise _ERRORS[outcome["error"]](outcome["message"])
+        raise _ERRORS.get(outcome["error"], RuntimeError)(outcome["message"])
     return outcome["value"]

@@ -145,3 +145,54 @@ def test_damaged_checkpoint_on_one_host_makes_every_host_fall_back(straight, tmp
     got, meta = checkpoint.restore_raw(str(workdir))
     assert meta["step"] == 6
     _assert_trees_identical(got, want, f"{n}-process state retrained from step 3")
+
+
+TFDS_WORKER = r"""
+import json, os, sys
+os.environ.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+import jax
+rank, port, data_dir, manual_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=rank)
+import numpy as np
+import tensorflow_datasets as tfds
+
+
+class TinyManual(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "any folder"
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+            {"image": tfds.features.Image(shape=(8, 8, 3)), "label": tfds.features.ClassLabel(num_classes=2)}))
+
+    def _split_generators(self, dl_manager):
+        open(os.path.join(dl_manager.manual_dir, f"prepared_by_{jax.process_index()}"), "w").close()
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(10):
+            yield i, {"image": np.full((8, 8, 3), i, np.uint8), "label": i % 2}
+
+
+from swin_ssl.data import sources
+source = sources.tfds_source("tiny_manual", "train", data_dir, manual_dir, jax.process_index(), 2)
+print("RESULT " + json.dumps(list(source.host_counts)))
+"""
+
+
+def test_only_process_0_prepares_a_tfds_data_set(tmp_path):
+    """Two hosts start on an unprepared TFDS data set with manual downloads: process 0 prepares it once, process 1
+    waits and then reads what it wrote (both see the same 5 + 5 examples)."""
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    (manual / "download.tar").write_text("the manual download")
+    port = str(_free_port())
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-c", TFDS_WORKER, str(rank), port, str(tmp_path / "tfds"),
+                               str(manual)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in range(2)]
+    for rc, log in _wait(procs, timeout=600):
+        assert rc == 0, log[-3000:]
+        assert "RESULT [5, 5]" in log, log[-3000:]
+    assert sorted(os.listdir(manual)) == ["download.tar", "prepared_by_0"]

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from swin_ssl import storage
+from swin_ssl import hosts, storage
 from swin_ssl.data import fashion_mnist
 from swin_ssl.data.augment import MAX_IMAGE_BYTES
 
@@ -256,13 +256,21 @@ def _count(builder, split, decoders) -> int:
         return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
 
 
+def _prepare(builder, manual_dir: str) -> None:
+    """Prepares a TFDS data set from its manual downloads unless it is prepared already."""
+    import tensorflow_datasets as tfds
+    if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+
 def tfds_source(name: str, split: str, data_dir: str | None, manual_dir: str | None, process_index: int,
                 process_count: int, image_key: str = "image", label_key: str = "label") -> TfdsSource:
     import tensorflow_datasets as tfds
     builder = tfds.builder(name, data_dir=data_dir)
-    prepared = tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))
-    if not prepared and manual_dir:
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    if manual_dir:
+        # Hosts share data_dir: process 0 prepares the data set (once), the others wait, then read what it wrote.
+        hosts.leader_decides(lambda: _prepare(builder, manual_dir))
+        builder = tfds.builder(name, data_dir=data_dir)
     for key in (image_key, label_key):
         if key not in builder.info.features:
             raise ValueError(f"TFDS {name} has no feature {key!r} (features: {list(builder.info.features)})")
