@@ -20,13 +20,14 @@ the MoBY online encoder, or ``--which``); without it ``--model`` is initialised 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from typing import Sequence
 
 import numpy as np
 
-from swin_ssl import normalization
+from swin_ssl import normalization, storage
 from swin_ssl.convert.modules import input_size  # light: imports the models only when called
 
 MEAN = np.array(normalization.IMAGENET_MEAN, np.float32)  # as the data pipeline normalises
@@ -297,8 +298,9 @@ def correspondence_figure(module, variables, image, label: str, size=None, top_k
 def save_figure(fig, path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     FigureCanvasAgg(fig)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=os.path.splitext(path)[1][1:] or "png", bbox_inches="tight")
+    storage.atomic_write_bytes(path, buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,14 +9,16 @@ parameters. A silent partial load would evaluate a network that was never loaded
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Any, Mapping
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from swin_ssl import storage
 
 PyTree = Any
 
@@ -106,17 +108,17 @@ def select_network(tree: PyTree, network: str) -> PyTree:
 
 
 def load_params_file(path: str) -> PyTree:
-    """A parameter tree from ``.npz`` (flat "a/b/c" keys), ``.msgpack`` (flax serialization) or an orbax directory."""
-    path = os.path.expanduser(path)
-    if os.path.isdir(path):
+    """A parameter tree from ``.npz`` (flat "a/b/c" keys), ``.msgpack`` (flax serialization) or an orbax directory;
+    ``path`` may be a URL (``gs://...``)."""
+    file = storage.as_path(path)
+    if file.is_dir():
         import orbax.checkpoint as ocp
-        return ocp.StandardCheckpointer().restore(os.path.abspath(path))
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
+        return ocp.StandardCheckpointer().restore(file)
+    if file.name.endswith(".npz"):
+        with np.load(io.BytesIO(file.read_bytes()), allow_pickle=False) as f:
             return unflatten({k: f[k] for k in f.files})
-    if path.endswith(".msgpack"):
-        with open(path, "rb") as f:
-            return flax.serialization.msgpack_restore(f.read())
+    if file.name.endswith(".msgpack"):
+        return flax.serialization.msgpack_restore(file.read_bytes())
     raise ValueError(f"unknown params file format {path!r}: use .npz, .msgpack or an orbax checkpoint directory")
 
 
@@ -136,13 +138,14 @@ def split_file_meta(tree: PyTree) -> tuple[PyTree, dict]:
 
 
 def save_params_file(path: str, params: PyTree) -> None:
-    """Writes ``params`` as ``.npz`` or ``.msgpack`` (the formats ``load_params_file`` reads)."""
+    """Writes ``params`` as ``.npz`` or ``.msgpack`` (the formats ``load_params_file`` reads), atomically."""
     flat = {k: np.asarray(v) for k, v in flatten(jax.device_get(params)).items()}
     if path.endswith(".npz"):
-        np.savez(path, **flat)
+        buffer = io.BytesIO()
+        np.savez(buffer, **flat)
+        storage.atomic_write_bytes(path, buffer.getvalue())
     elif path.endswith(".msgpack"):
-        with open(path, "wb") as f:
-            f.write(flax.serialization.msgpack_serialize(unflatten(flat)))
+        storage.atomic_write_bytes(path, flax.serialization.msgpack_serialize(unflatten(flat)))
     else:
         raise ValueError(f"save_params_file: use a .npz or .msgpack path, got {path!r}")
 
@@ -209,7 +212,7 @@ def load_network(source: str, network: str = "default", step: int | None = None)
     from swin_ssl import checkpoint
     from swin_ssl.models import from_config, input_size
 
-    if os.path.isdir(os.path.join(os.path.expanduser(source), checkpoint.CHECKPOINT_DIR)):
+    if storage.as_path(checkpoint.checkpoint_dir(source)).is_dir():
         tree, meta = restore_workdir(source, step)
         init = "checkpoint"
     else:
