@@ -1,9 +1,10 @@
 """``train_and_evaluate(config, workdir)``: the training loop behind ``train.py``.
 
-Order of work: distributed init -> config validation (one-line errors, nothing compiled yet) -> build the
-objective, optimizer and the compiled init/step -> restore the latest checkpoint in ``workdir`` if any ->
-loop: step, progress, periodic metrics (TensorBoard + console), checkpoints, optional evaluation hook ->
-final checkpoint.
+Order of work: distributed init -> config validation (one-line errors, nothing compiled yet) -> the workdir
+lock and the run-defining configuration (``swin_ssl/train/workdir.py``; decided by process 0 for all hosts) ->
+build the objective, optimizer and the compiled init/step -> restore the latest readable checkpoint in
+``workdir`` if any (``swin_ssl/checkpoint.py``) -> loop: step, progress, periodic metrics (TensorBoard +
+console), checkpoints, optional evaluation hook -> final checkpoint. ``workdir`` may be a ``gs://`` URL.
 
 Plugging in another objective: ``config.objective`` names a module in ``swin_ssl/objectives``
 (``validate.OBJECTIVE_MODULES``) that provides ``make_objective(config, *, durations, axis_name=None) ->
