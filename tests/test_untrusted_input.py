@@ -336,10 +336,21 @@ def test_torchscript_and_a_late_os_system_are_refused_and_nothing_runs(tmp_path,
     assert not mark.exists() and not os.path.exists(tmp_path / "o.msgpack")
 
 
+@needs_torch
 @pytest.mark.parametrize("option,value,rule", [("--window-size", "0", ">= 1"), ("--num-classes", "-1", ">= 0"),
                                                ("--img-size", "0", ">= 1"), ("--norm-eps", "nan", "positive")])
 def test_numeric_options_are_validated(option, value, rule, tmp_path):
-    rc, err, _ = _convert("import", str(tmp_path / "x.pth"), "--model", "swin_test", "--out", str(tmp_path / "o"),
-                          option, value)
+    path = str(tmp_path / "good.pth")  # a valid checkpoint: only the option is wrong
+    torch.save({"model": _backbone(np.random.default_rng(0))}, path)
+    rc, err, _ = _convert("import", path, "--model", "swin_test", "--out", str(tmp_path / "o"), option, value)
     errors = [line for line in err.splitlines() if line.startswith("error:") or ": error:" in line]
     assert rc == 2 and len(errors) == 1 and option in errors[0] and rule in errors[0] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("field,value", [("max_image_pixels", 0), ("max_image_bytes", -1), ("read_retries", -1),
+                                         ("max_skip_fraction", 1.5)])
+def test_limits_out_of_range_fail_naming_the_field(hostile, field, value):
+    root, _ = hostile
+    with pytest.raises(ValueError, match=rf"^data.{field}={value}: must be"):
+        data.make_train_iterator(_cfg(data_dir=root, **{field: value}), batch_size_per_host=2, process_index=0,
+                                 process_count=1)
