@@ -354,3 +354,24 @@ def test_limits_out_of_range_fail_naming_the_field(hostile, field, value):
     with pytest.raises(ValueError, match=rf"^data.{field}={value}: must be"):
         data.make_train_iterator(_cfg(data_dir=root, **{field: value}), batch_size_per_host=2, process_index=0,
                                  process_count=1)
+
+
+def test_fashion_mnist_reads_only_what_a_sane_header_announces(tmp_path):
+    """A gzip stream that inflates to 314 MB (a header declaring 400k images, all there) is refused from its header."""
+    import gzip
+
+    from swin_ssl.data import fashion_mnist
+    n = 400_000
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(np.array([2051, n, 28, 28], ">u4").tobytes())
+        for _ in range(n // 10_000):
+            f.write(bytes(10_000 * 28 * 28))
+    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(np.array([2049, n], ">u4").tobytes() + bytes(n))
+    for name, magic, shape in (("t10k-images-idx3-ubyte.gz", 2051, (2, 28, 28)),
+                               ("t10k-labels-idx1-ubyte.gz", 2049, (2,))):
+        with gzip.open(tmp_path / name, "wb") as f:
+            f.write(np.array([magic, *shape], ">u4").tobytes() + bytes(int(np.prod(shape))))
+    assert len(fashion_mnist.load("test", str(tmp_path))[0]) == 2
+    with pytest.raises(ValueError, match=r"declares shape \(400000, 28, 28\) \(313600000 bytes\), over 268435456"):
+        fashion_mnist.load("train", str(tmp_path))
