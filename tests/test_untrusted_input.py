@@ -6,7 +6,6 @@ Checkpoints: every crafted .pth gives one ``error:`` line naming the file and th
 """
 import io
 import os
-import resource
 import signal
 import struct
 import subprocess
@@ -220,6 +219,20 @@ def test_read_errors_are_retried_then_stop_never_skipped(tmp_path, monkeypatch, 
 
 
 # ------------------------------------------------------------------------------------ a training run over it
+# Runs a command as its child and prints that child's peak RSS (getrusage(RUSAGE_CHILDREN)). A process started by
+# fork + exec keeps the peak RSS of the process it was forked from (Linux): measuring from a small parent keeps
+# pytest's own memory out of the number.
+_MEASURE = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+
+
+def _measured(*command: str, env: dict | None = None) -> tuple[int, str, int]:
+    """(exit code, stderr, peak RSS in bytes) of `command` run from the repository root."""
+    r = subprocess.run([sys.executable, "-c", _MEASURE, *command], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}, timeout=900)
+    return r.returncode, r.stderr, int(r.stdout.split()[-1]) * 1024
+
+
 FOLDER_FLAGS = ["--config.data.name=image_folder", "--config.data.num_train_examples=15",
                 "--config.data.max_skip_fraction=0.5", "--config.async_checkpointing=False"]
 
@@ -228,10 +241,8 @@ def test_training_over_a_hostile_folder_finishes_names_each_bad_file_once_and_re
     root, files = hostile
     config = "configs/moby_swin_tiny.py:smoke"
     flags = [*FOLDER_FLAGS, f"--config.data.data_dir={root}"]
-    straight = tmp_path / "straight"
-    rc, log = _finish(_train_py(straight, config, *flags), timeout=900)
-    # The largest child so far, and at least pytest's own RSS when it forked: an upper bound of this run's peak.
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    straight = tmp_path / "straight"  # the command _train_py runs, under the RSS measurement
+    rc, log, peak = _measured(sys.executable, "train.py", "--config", config, "--workdir", str(straight), *flags)
     assert rc == 0, log[-3000:]
     print(f"peak RSS of the training run: {peak / GiB:.2f} GiB")
     assert peak < 4 * GiB, f"peak RSS {peak / GiB:.2f} GiB"
@@ -257,17 +268,9 @@ class Harmless:
     """A pickled object of a class nobody blocks: kept as inert data on its own."""
 
 
-# Runs the command as its child and prints that child's peak RSS. A process started by fork + exec keeps the
-# peak RSS of the process it was forked from (Linux), so measuring from a small parent keeps pytest's out.
-_MEASURE = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
-
-
 def _convert(*args: str) -> tuple[int, str, int]:
     """`python -m swin_ssl.convert ARGS` -> (exit code, stderr, peak RSS of that process in bytes)."""
-    r = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "swin_ssl.convert", *args], cwd=ROOT,
-                       capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
-    return r.returncode, r.stderr, int(r.stdout.split()[-1]) * 1024
+    return _measured(sys.executable, "-m", "swin_ssl.convert", *args, env={"JAX_PLATFORMS": "cpu"})
 
 
 def _backbone(rng):
