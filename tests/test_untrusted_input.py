@@ -6,12 +6,10 @@ Checkpoints: every crafted .pth gives one ``error:`` line naming the file and th
 """
 import io
 import os
-import resource
 import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import zlib
 
 import numpy as np
@@ -221,6 +219,20 @@ def test_read_errors_are_retried_then_stop_never_skipped(tmp_path, monkeypatch, 
 
 
 # ------------------------------------------------------------------------------------ a training run over it
+# Runs a command as its child and prints that child's peak RSS (getrusage(RUSAGE_CHILDREN)). A process started by
+# fork + exec keeps the peak RSS of the process it was forked from (Linux): measuring from a small parent keeps
+# pytest's own memory out of the number.
+_MEASURE = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+
+
+def _measured(*command: str, env: dict | None = None) -> tuple[int, str, int]:
+    """(exit code, stderr, peak RSS in bytes) of `command` run from the repository root."""
+    r = subprocess.run([sys.executable, "-c", _MEASURE, *command], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}, timeout=900)
+    return r.returncode, r.stderr, int(r.stdout.split()[-1]) * 1024
+
+
 FOLDER_FLAGS = ["--config.data.name=image_folder", "--config.data.num_train_examples=15",
                 "--config.data.max_skip_fraction=0.5", "--config.async_checkpointing=False"]
 
@@ -229,9 +241,8 @@ def test_training_over_a_hostile_folder_finishes_names_each_bad_file_once_and_re
     root, files = hostile
     config = "configs/moby_swin_tiny.py:smoke"
     flags = [*FOLDER_FLAGS, f"--config.data.data_dir={root}"]
-    straight = tmp_path / "straight"
-    rc, log = _finish(_train_py(straight, config, *flags), timeout=900)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child so far: this run's bound
+    straight = tmp_path / "straight"  # the command _train_py runs, under the RSS measurement
+    rc, log, peak = _measured(sys.executable, "train.py", "--config", config, "--workdir", str(straight), *flags)
     assert rc == 0, log[-3000:]
     print(f"peak RSS of the training run: {peak / GiB:.2f} GiB")
     assert peak < 4 * GiB, f"peak RSS {peak / GiB:.2f} GiB"
@@ -259,13 +270,7 @@ class Harmless:
 
 def _convert(*args: str) -> tuple[int, str, int]:
     """`python -m swin_ssl.convert ARGS` -> (exit code, stderr, peak RSS of that process in bytes)."""
-    err = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "swin_ssl.convert", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=err, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, unlike RUSAGE_CHILDREN
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err.seek(0)
-    return proc.returncode, err.read(), usage.ru_maxrss * 1024
+    return _measured(sys.executable, "-m", "swin_ssl.convert", *args, env={"JAX_PLATFORMS": "cpu"})
 
 
 def _backbone(rng):
@@ -336,10 +341,42 @@ def test_torchscript_and_a_late_os_system_are_refused_and_nothing_runs(tmp_path,
     assert not mark.exists() and not os.path.exists(tmp_path / "o.msgpack")
 
 
+@needs_torch
 @pytest.mark.parametrize("option,value,rule", [("--window-size", "0", ">= 1"), ("--num-classes", "-1", ">= 0"),
                                                ("--img-size", "0", ">= 1"), ("--norm-eps", "nan", "positive")])
 def test_numeric_options_are_validated(option, value, rule, tmp_path):
-    rc, err, _ = _convert("import", str(tmp_path / "x.pth"), "--model", "swin_test", "--out", str(tmp_path / "o"),
-                          option, value)
+    path = str(tmp_path / "good.pth")  # a valid checkpoint: only the option is wrong
+    torch.save({"model": _backbone(np.random.default_rng(0))}, path)
+    rc, err, _ = _convert("import", path, "--model", "swin_test", "--out", str(tmp_path / "o"), option, value)
     errors = [line for line in err.splitlines() if line.startswith("error:") or ": error:" in line]
     assert rc == 2 and len(errors) == 1 and option in errors[0] and rule in errors[0] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("field,value", [("max_image_pixels", 0), ("max_image_bytes", -1), ("read_retries", -1),
+                                         ("max_skip_fraction", 1.5)])
+def test_limits_out_of_range_fail_naming_the_field(hostile, field, value):
+    root, _ = hostile
+    with pytest.raises(ValueError, match=rf"^data.{field}={value}: must be"):
+        data.make_train_iterator(_cfg(data_dir=root, **{field: value}), batch_size_per_host=2, process_index=0,
+                                 process_count=1)
+
+
+def test_fashion_mnist_reads_only_what_a_sane_header_announces(tmp_path):
+    """A gzip stream that inflates to 314 MB (a header declaring 400k images, all there) is refused from its header."""
+    import gzip
+
+    from swin_ssl.data import fashion_mnist
+    n = 400_000
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(np.array([2051, n, 28, 28], ">u4").tobytes())
+        for _ in range(n // 10_000):
+            f.write(bytes(10_000 * 28 * 28))
+    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(np.array([2049, n], ">u4").tobytes() + bytes(n))
+    for name, magic, shape in (("t10k-images-idx3-ubyte.gz", 2051, (2, 28, 28)),
+                               ("t10k-labels-idx1-ubyte.gz", 2049, (2,))):
+        with gzip.open(tmp_path / name, "wb") as f:
+            f.write(np.array([magic, *shape], ">u4").tobytes() + bytes(int(np.prod(shape))))
+    assert len(fashion_mnist.load("test", str(tmp_path))[0]) == 2
+    with pytest.raises(ValueError, match=r"declares shape \(400000, 28, 28\) \(313600000 bytes\), over 268435456"):
+        fashion_mnist.load("train", str(tmp_path))

@@ -55,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--layout", default="auto", choices=["auto", "backbone", "moby", "esvit", "dino"])
     imp.add_argument("--num-classes", type=_int_at_least(0), default=None,
                      help="default: from head.weight (plain backbones), else 0; 0 drops a classifier")
-    imp.add_argument("--window-size", type=_int_at_least(1), default=None, help="Swin window (tables are resized bicubically)")
+    imp.add_argument("--window-size", type=_int_at_least(1), default=None,
+                     help="Swin window (tables are resized bicubically)")
     imp.add_argument("--img-size", type=_int_at_least(1), default=None,
                      help="configured resolution (ViT position embeddings are resized)")
-    imp.add_argument("--norm-eps", type=_positive_float, default=None, help="LayerNorm eps (default: model's; 1e-6 for esvit)")
+    imp.add_argument("--norm-eps", type=_positive_float, default=None,
+                     help="LayerNorm eps (default: model's; 1e-6 for esvit)")
     imp.add_argument("--norm-last-layer", default="auto", choices=["auto", "true", "false"],
                      help="DINO heads: fixed g=1 (auto: true iff every weight_g is 1)")
     imp.add_argument("--non-strict", action="store_true", help="load what matches, report the rest")

@@ -65,7 +65,8 @@ class _Opaque(dict):
 _BLOCKED_MODULES = frozenset({
     "os", "posix", "nt", "sys", "subprocess", "builtins", "__builtin__", "shutil", "socket", "importlib", "runpy",
     "pickle", "_pickle", "marshal", "ctypes", "code", "codeop", "pty", "webbrowser", "multiprocessing", "signal",
-    "operator", "functools", "inspect", "pdb", "timeit", "tempfile", "threading", "_thread", "asyncio", "urllib", "http", "ftplib", "smtplib", "requests"})
+    "operator", "functools", "inspect", "pdb", "timeit", "tempfile", "threading", "_thread", "asyncio", "urllib",
+    "http", "ftplib", "smtplib", "requests"})
 
 
 class BlockedGlobal(pickle.UnpicklingError):

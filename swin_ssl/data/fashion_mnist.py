@@ -68,16 +68,27 @@ def find_dir(data_dir: str | None = None) -> str:
     raise ValueError(f"Fashion-MNIST not found (looked in {candidates}). " + how_to_install())
 
 
+_MAX_IDX_BYTES = 2**28  # 5x the largest Fashion-MNIST file (60k x 28 x 28): a gzip bomb stops here
+
+
 def _read_idx(path: str, magic: int, ndim: int) -> np.ndarray:
+    """An IDX array; reads only the bytes its header announces (after checking them), never the whole stream."""
     with gzip.open(path, "rb") as f:
-        data = f.read()
-    header = np.frombuffer(data, dtype=">u4", count=1 + ndim)
-    if int(header[0]) != magic:
-        raise ValueError(f"{path}: not an IDX file with magic {magic} (got {int(header[0])})")
-    shape = tuple(int(d) for d in header[1:])
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 * (1 + ndim))
-    if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: expected {int(np.prod(shape))} bytes of data for shape {shape}, got {body.size}")
+        head = f.read(4 * (1 + ndim))
+        if len(head) < 4 * (1 + ndim):
+            raise ValueError(f"{path}: truncated IDX header ({len(head)} bytes)")
+        header = np.frombuffer(head, dtype=">u4")
+        if int(header[0]) != magic:
+            raise ValueError(f"{path}: not an IDX file with magic {magic} (got {int(header[0])})")
+        shape = tuple(int(d) for d in header[1:])
+        size = int(np.prod(shape, dtype=np.int64))
+        if size > _MAX_IDX_BYTES:
+            raise ValueError(f"{path}: header declares shape {shape} ({size} bytes), over {_MAX_IDX_BYTES}")
+        body = np.frombuffer(f.read(size), dtype=np.uint8)
+        extra = len(f.read(1))
+    if body.size != size or extra:
+        raise ValueError(f"{path}: expected {size} bytes of data for shape {shape}, got "
+                         f"{body.size if not extra else 'more'}")
     return body.reshape(shape)
 
 

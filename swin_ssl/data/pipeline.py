@@ -240,6 +240,17 @@ def _train_stages(config: Any, seed: int, process_index: int):
     return decode, views
 
 
+def check_limits(config: Any) -> None:
+    """Raises ValueError naming the field when a budget or limit of untrusted input is out of range."""
+    for key, low in (("max_image_pixels", 1), ("max_image_bytes", 1), ("read_retries", 0)):
+        value = _get(config, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"data.{key}={value!r}: must be an integer >= {low}")
+    fraction = _get(config, "max_skip_fraction")
+    if not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f"data.max_skip_fraction={fraction!r}: must be a number in [0, 1]")
+
+
 def _budget(config: Any) -> dict[str, int]:
     return dict(max_pixels=int(_get(config, "max_image_pixels")), max_bytes=int(_get(config, "max_image_bytes")))
 
@@ -433,6 +444,7 @@ def make_train_iterator(config: Any, *, batch_size_per_host: int, process_index:
                         process_count: int | None = None, seed: int = 0, start_step: int = 0,
                         split: str | None = None) -> TrainIterator:
     """Infinite iterator of this host's training batches (`augment` decides the keys), from `start_step`."""
+    check_limits(config)
     process_index, process_count = _process(process_index, process_count)
     split = split or _get(config, "train_split")
     source = sources.make_source(config, split, process_index, process_count)
@@ -494,6 +506,7 @@ class EvalIterable:
 def make_eval_iterator(config: Any, *, batch_size_per_host: int, process_index: int | None = None,
                        process_count: int | None = None, split: str | None = None) -> EvalIterable:
     """Every example of `split` (default `eval_split`) once across hosts, eval-transformed, padded + masked."""
+    check_limits(config)
     process_index, process_count = _process(process_index, process_count)
     split = split or _get(config, "eval_split")
     source = sources.make_source(config, split, process_index, process_count)

@@ -14,6 +14,9 @@ Hosts: every host reads a contiguous, near-equal slice (`tfds.even_splits` seman
 run the same number of batches on all hosts.
 
 Split names may carry an absolute slice, e.g. `"train[:1000]"` or `"validation[100:200]"`.
+
+Folder listings keep regular files only, within the byte budget (`data.max_image_bytes`): a FIFO or device named
+`*.JPEG` would block a reader forever. Entries left out are named once in a warning and kept in `left_out`.
 """
 from __future__ import annotations
 
