@@ -338,12 +338,13 @@ def test_resume_with_another_batch_size_is_refused_before_compiling(finished_run
     assert not os.path.exists(os.path.join(workdir, "lock.json"))  # released after each attempt
 
 
-def test_update_that_makes_the_state_nonfinite_is_never_applied(tmp_path):
+def test_update_that_makes_the_state_nonfinite_is_never_applied(tmp_path, monkeypatch):
     """Loss and gradients finite, the update not: Adam with eps=0 divides 0 by 0 for parameters whose gradient is
-    exactly zero (biases before BatchNorm). The step keeps the old state, and the loop stops naming the cause."""
+    exactly zero (biases before BatchNorm). Validation refuses eps=0 up front; this is the second line of defence,
+    for whatever else breaks an update: the step keeps the old state, and the loop stops naming the cause."""
     config = moby_swin_tiny.get_config("smoke")
-    config.optim.eps = 0.0
     durations = loop.validate(config, device_count=jax.device_count())
+    config.optim.eps = 0.0
     program = loop.build_program(config, durations)
     with program.parallel.context():
         state = program.init(jax.random.PRNGKey(0))
@@ -355,6 +356,7 @@ def test_update_that_makes_the_state_nonfinite_is_never_applied(tmp_path):
     assert math.isfinite(float(metrics["loss"])) and math.isfinite(float(metrics["grad_norm"]))
     _assert_trees_identical(jax.device_get(after).replace(step=before.step), before, "state after a bad update")
 
+    monkeypatch.setattr(loop, "validate", lambda *args, **kwargs: durations)  # let eps=0 through to the step
     with pytest.raises(FloatingPointError, match=r"non-finite updated state \(parameters, optimizer moments"):
         loop.train_and_evaluate(config, str(tmp_path))
     assert _steps(str(tmp_path)) == []  # nothing was saved

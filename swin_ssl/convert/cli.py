@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
 
-from swin_ssl import convert
+from swin_ssl import convert, storage
 from swin_ssl.convert.converted import load_converted, save_converted
 from swin_ssl.convert.errors import ConversionError
 from swin_ssl.convert.exporting import export_state, export_workdir
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{conv['meta']['model_kwargs']}, {_count(conv['variables']):,} values; {report.summary()}")
             if report.problems or report.resized:
                 print(report.details())
-        elif args.command == "export" and os.path.isdir(args.source):
+        elif args.command == "export" and storage.as_path(args.source).is_dir():
             meta = export_workdir(args.source, args.out, args.network, args.step, args.attn_mask)
             print(f"{args.source} (step {meta.get('step')}, {meta.get('objective')}, {meta['model']}, "
                   f"{args.network} backbone) -> {args.out}")

@@ -66,6 +66,9 @@ def check(config: ml_collections.ConfigDict, patch_size: int) -> None:
             rules.fail("data.local_size", local, f"local crops must not be larger than the global crops "
                        f"(data.image_size={size})")
     _check_location(data)
+    if data.name != "synthetic":
+        from swin_ssl.data.pipeline import check_limits  # imports TensorFlow; only for real data
+        check_limits(data)
 
 
 def _check_location(data: ml_collections.ConfigDict) -> None:
