@@ -47,7 +47,7 @@ def gcs(tmp_path_factory):
     """A Cloud Storage emulator with bucket ``gs://bucket`` (+ the TLS proxy for TensorFlow's client) on 127.0.0.1,
     started for the session and stopped after it: ``gcs.env`` for subprocesses, ``gcs.applied()`` for this one,
     ``gcs.objects(prefix)`` / ``gcs.read(name)`` to look into the bucket."""
-    import gcs_emulator
+    from tests import gcs_emulator
 
     with gcs_emulator.GcsEmulator(tmp_path_factory.mktemp("gcs_emulator")) as emulator:
         yield emulator

@@ -20,9 +20,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.gcs_proxy import INTERCEPTED_HOSTS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from gcs_proxy import INTERCEPTED_HOSTS  # noqa: E402
 
 BUCKET = "bucket"
 _STARTUP_POLLS = 300  # x 0.1 s: how long the emulator may take to answer its first request

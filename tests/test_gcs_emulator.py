@@ -12,7 +12,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-import gcs_emulator
+from tests import gcs_emulator
 
 
 @pytest.fixture
