@@ -36,6 +36,7 @@ def uninterrupted(tmp_path_factory):
     return result
 
 
+@pytest.mark.slow
 def test_smoke_runs_end_to_end(uninterrupted):
     history = dict(uninterrupted["history"])
     assert uninterrupted["step"] == 6 and sorted(history) == [2, 4, 6]
@@ -52,10 +53,12 @@ def test_smoke_runs_end_to_end(uninterrupted):
     print(f"smoke preset: {uninterrupted['seconds']:.1f}s for 6 steps incl. compilation")
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once(uninterrupted):
     assert uninterrupted["step_traces"] == 1
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(uninterrupted, tmp_path):
     """Stop at step 3, restart from the checkpoint: same momentum, queues, params as the uninterrupted run."""
     workdir = str(tmp_path)
@@ -75,6 +78,7 @@ def test_resume_continues_exactly(uninterrupted, tmp_path):
     assert second["step_traces"] == 1  # same program, restored state has the same placement
 
 
+@pytest.mark.slow
 def test_checkpoint_gives_evaluators_the_backbones(uninterrupted):
     ckpt = checkpoint.load_backbones(uninterrupted["workdir"])
     state = jax.device_get(uninterrupted["state"])
@@ -87,6 +91,7 @@ def test_checkpoint_gives_evaluators_the_backbones(uninterrupted):
     assert isinstance(jax.tree.leaves(ckpt["default"])[0], np.ndarray)
 
 
+@pytest.mark.slow
 def test_deit_smoke_preset_trains(tmp_path):
     c = moby_deit_small.get_config("smoke")
     c.stop_after_steps = 2
@@ -220,6 +225,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(uninterrupted, tmp_path):
     """2 processes x 2 CPU devices (gloo collectives) train the smoke preset like 1 process x 8 devices."""
     import json
@@ -265,6 +271,7 @@ def recording_eval(*, config, params, step, workdir, scale=1.0):
     return {"fake_metric": scale * step}
 
 
+@pytest.mark.slow
 def test_evaluation_hook_is_called_every_n_steps(uninterrupted, tmp_path):
     EVAL_CALLS.clear()
     c = smoke_config(stop_after_steps=5)
