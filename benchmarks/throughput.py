@@ -8,7 +8,8 @@ GFLOPs come from XLA's cost analysis of the compiled forward (multiply-adds coun
 timm (``--timm-python``, ``$SWIN_SSL_TORCH_PYTHON``, default /work/torchref/bin/python), the same model is timed
 in timm (eval mode, same batch/resolution, all cores) in live subprocesses, in rounds alternating with ours;
 the medians over the rounds, their ratio (wall and CPU time) and the load average are printed: both run on
-the same noisy machine in the same minutes.
+the same noisy machine in the same minutes. ``--one-core`` pins both sides to one CPU with one thread each
+(a per-core ratio, less sensitive to other jobs than two threads contending for two shared cores).
 """
 from __future__ import annotations
 
@@ -73,7 +74,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=2, help="calls per round and side")
     parser.add_argument("--rounds", type=int, default=5, help="rounds alternating with timm; medians reported")
     parser.add_argument("--timm-python", default=DEFAULT_PYTHON, help="a Python with torch + timm ('' to skip)")
+    parser.add_argument("--one-core", action="store_true", help="pin both sides to one CPU, one thread each")
     args = parser.parse_args()
+    if args.one_core:  # before JAX starts its thread pool; the timm subprocesses inherit the affinity
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
 
     (fwd, fwdbwd), info = build_jax(args.model, args.batch, args.res, args.dtype)
     compare = bool(args.timm_python) and available(args.timm_python) and args.dtype == "float32" \
@@ -96,7 +101,8 @@ def main() -> None:
     for r in refs.values():
         r.close()
     med = lambda d, w, k="walls": statistics.median(d[w][k])  # noqa: E731
-    print(f"\n{args.model} @ {args.res}px, batch {args.batch}, {args.dtype}, device: {info['device']}; "
+    print(f"\n{args.model} @ {args.res}px, batch {args.batch}, {args.dtype}, device: {info['device']}, "
+          f"{len(os.sched_getaffinity(0))} CPU(s); "
           f"medians of {args.rounds} rounds x {args.iters} calls; load average {load0[0]:.2f} before, "
           f"{os.getloadavg()[0]:.2f} after")
     print("| implementation | params | GFLOPs/img (XLA) | forward img/s | fwd+bwd img/s |")

@@ -28,6 +28,7 @@ class TorchReference:
     """The reference step in a live subprocess, so rounds can alternate with ours without rebuilding it."""
 
     def __init__(self, python: str, kind: str, **setup):
+        # Same CPUs as this process (a pinned run pins both sides), one torch thread per CPU.
         self.proc = subprocess.Popen([python, os.path.abspath(__file__), kind, json.dumps(setup)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._read()  # versions, after the model is built and one step ran
@@ -224,7 +225,7 @@ def _serve(kind: str, setup: dict) -> None:
     warnings.filterwarnings("ignore")
     import timm
     import torch
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
     step = STEPS[kind](torch, timm, **setup)
     step()  # warm-up
