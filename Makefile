@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 OBJECTIVE ?= moby
 DEMO_DIR ?= runs/demo_$(OBJECTIVE)
 
-.PHONY: install fmnist test demo bench clean
+.PHONY: install fmnist test test-fast demo bench clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ fmnist:
 # The suite simulates 8 devices on the CPU (tests/conftest.py sets the flags).
 test: install fmnist
 	$(PY) -m pytest -q tests
+
+# The iteration tier: everything but the tests marked slow (pytest.ini).
+test-fast: install fmnist
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: install fmnist
 	$(PY) -m swin_ssl.demo --objective $(OBJECTIVE) --workdir $(DEMO_DIR)

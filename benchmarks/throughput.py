@@ -1,42 +1,46 @@
 """Backbone throughput: forward and forward+backward images/s, parameters and GFLOPs, as a paper-style row.
 
     python benchmarks/throughput.py --model swin_tiny --batch 8 --res 224 --dtype float32
-    python benchmarks/throughput.py --timm-python /work/torchref/bin/python   # + timm's PyTorch Swin-T, same run
+    python benchmarks/throughput.py --rounds 5          # + timm's PyTorch model, same run, alternating rounds
 
 GFLOPs come from XLA's cost analysis of the compiled forward (multiply-adds count 2 FLOPs; the Swin paper's
-"4.5G" counts multiply-accumulates, so expect about twice its figure). With ``--timm-python`` the same model
-is timed in timm (PyTorch, eval mode, same batch/resolution, same thread count) in a subprocess interleaved
-with ours, and the ratio is printed: both run on the same noisy machine in the same minute.
+"4.5G" counts multiply-accumulates, so expect about twice its figure). With a Python that has torch +
+timm (``--timm-python``, ``$SWIN_SSL_TORCH_PYTHON``, default /work/torchref/bin/python), the same model is timed
+in timm (eval mode, same batch/resolution, all cores) in live subprocesses, in rounds alternating with ours;
+the medians over the rounds, their ratio (wall and CPU time) and the load average are printed: both run on
+the same noisy machine in the same minutes. ``--one-core`` pins both sides to one CPU with one thread each
+(a per-core ratio, less sensitive to other jobs than two threads contending for two shared cores).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
+import statistics
 import sys
-import textwrap
 import time
 
-import numpy as np
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from benchmarks.torch_reference import DEFAULT_PYTHON, TorchReference, available  # noqa: E402
 
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_small": "swin_small_patch4_window7_224",
               "swin_base": "swin_base_patch4_window7_224", "deit_small": "deit_small_patch16_224",
               "vit_base": "vit_base_patch16_224"}
 
 
-def time_fn(fn, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
+def timed(fn, iters: int) -> dict:
+    """Wall and process-CPU seconds of ``iters`` calls."""
+    walls, cpus = [], []
     for _ in range(iters):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t)
-    return times
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return {"walls": walls, "cpus": cpus}
 
 
-def measure_jax(model_name: str, batch: int, res: int, dtype: str, warmup: int, iters: int) -> dict:
+def build_jax(model_name: str, batch: int, res: int, dtype: str):
+    """(forward, forward+backward, info): compiled and run once."""
     import jax
     import jax.numpy as jnp
 
@@ -45,56 +49,20 @@ def measure_jax(model_name: str, batch: int, res: int, dtype: str, warmup: int, 
     model = create_model(model_name, num_classes=1000, dtype=getattr(jnp, dtype))
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, res, res, 3), jnp.float32)
     params = jax.jit(model.init)(jax.random.PRNGKey(1), x)["params"]
-    n_params = sum(p.size for p in jax.tree.leaves(params))
-
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
 
     def loss(p, x):
-        return jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, x)[0]) [:, 0])
+        return jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, x)[0])[:, 0])
 
     grad = jax.jit(jax.grad(loss))
-    flops = forward.lower(params, x).compile().cost_analysis()
-    flops = (flops[0] if isinstance(flops, (list, tuple)) else flops).get("flops", float("nan"))
-    fwd = time_fn(lambda: forward(params, x).block_until_ready(), warmup, iters)
-    bwd = time_fn(lambda: jax.block_until_ready(grad(params, x)), warmup, iters)
-    return {"params": int(n_params), "gflops_per_img": flops / batch / 1e9,
-            "fwd_img_s": batch / float(np.median(fwd)), "fwdbwd_img_s": batch / float(np.median(bwd)),
-            "device": str(jax.devices()[0].device_kind)}
-
-
-TIMM_SCRIPT = textwrap.dedent("""
-    import json, sys, time, warnings
-    warnings.filterwarnings("ignore")
-    import numpy as np, torch, timm
-    name, batch, res, warmup, iters, threads = sys.argv[1], *map(int, sys.argv[2:7])
-    torch.set_num_threads(threads)
-    m = timm.create_model(name, pretrained=False, num_classes=1000, img_size=res).eval()
-    x = torch.randn(batch, 3, res, res)
-    def run(fn):
-        for _ in range(warmup): fn()
-        ts = []
-        for _ in range(iters):
-            t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
-        return batch / float(np.median(ts))
-    def fwd():
-        with torch.no_grad(): m(x)
-    def fwdbwd():
-        m.zero_grad(); torch.log_softmax(m(x), -1)[:, 0].mean().backward()
-    print(json.dumps({"fwd_img_s": run(fwd), "fwdbwd_img_s": run(fwdbwd), "params": sum(p.numel() for p in m.parameters()),
-                      "torch": torch.__version__, "timm": timm.__version__}))
-""")
-
-
-def measure_timm(python: str, model_name: str, batch: int, res: int, warmup: int, iters: int) -> dict | None:
-    if model_name not in TIMM_NAMES:
-        return None
-    threads = os.cpu_count() or 1
-    out = subprocess.run([python, "-c", TIMM_SCRIPT, TIMM_NAMES[model_name], str(batch), str(res), str(warmup),
-                          str(iters), str(threads)], capture_output=True, text=True, check=False)
-    if out.returncode:
-        print(f"timm run failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    cost = forward.lower(params, x).compile().cost_analysis()
+    flops = (cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", float("nan"))
+    fns = (lambda: forward(params, x).block_until_ready(), lambda: jax.block_until_ready(grad(params, x)))
+    for fn in fns:
+        fn()
+    info = {"params": sum(p.size for p in jax.tree.leaves(params)), "gflops_per_img": flops / batch / 1e9,
+            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+    return fns, info
 
 
 def main() -> None:
@@ -103,37 +71,53 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--res", type=int, default=224)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved JAX/timm rounds; the best round is kept")
-    parser.add_argument("--timm-python", default=os.environ.get("SWIN_SSL_TIMM_PYTHON", "/work/torchref/bin/python"),
-                        help="a python with torch + timm (a separate CPU torch environment)")
+    parser.add_argument("--iters", type=int, default=2, help="calls per round and side")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds alternating with timm; medians reported")
+    parser.add_argument("--timm-python", default=DEFAULT_PYTHON, help="a Python with torch + timm ('' to skip)")
+    parser.add_argument("--one-core", action="store_true", help="pin both sides to one CPU, one thread each")
     args = parser.parse_args()
+    if args.one_core:  # before JAX starts its thread pool; the timm subprocesses inherit the affinity
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
 
-    have_timm = os.path.exists(args.timm_python)
-    ours, theirs = [], []
+    (fwd, fwdbwd), info = build_jax(args.model, args.batch, args.res, args.dtype)
+    compare = bool(args.timm_python) and available(args.timm_python) and args.dtype == "float32" \
+        and args.model in TIMM_NAMES
+    refs = {}
+    if compare:
+        for what in ("fwd", "fwdbwd"):
+            refs[what] = TorchReference(args.timm_python, "backbone", name=TIMM_NAMES[args.model], batch=args.batch,
+                                        res=args.res, backward=what == "fwdbwd")
+    load0 = os.getloadavg()
+    ours = {w: {"walls": [], "cpus": []} for w in ("fwd", "fwdbwd")}
+    theirs = {w: {"walls": [], "cpus": []} for w in refs}
     for _ in range(args.rounds):
-        ours.append(measure_jax(args.model, args.batch, args.res, args.dtype, args.warmup, args.iters))
-        if have_timm and args.dtype == "float32":
-            t = measure_timm(args.timm_python, args.model, args.batch, args.res, args.warmup, args.iters)
-            if t:
-                theirs.append(t)
-    best = max(ours, key=lambda r: r["fwd_img_s"])
-    print(f"\n{args.model} @ {args.res}px, batch {args.batch}, {args.dtype}, device: {best['device']}")
+        for what, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+            for k, v in timed(fn, args.iters).items():
+                ours[what][k] += v
+            if what in refs:
+                for k, v in refs[what].run(args.iters).items():
+                    theirs[what][k] += v
+    for r in refs.values():
+        r.close()
+    med = lambda d, w, k="walls": statistics.median(d[w][k])  # noqa: E731
+    print(f"\n{args.model} @ {args.res}px, batch {args.batch}, {args.dtype}, device: {info['device']}, "
+          f"{len(os.sched_getaffinity(0))} CPU(s); "
+          f"medians of {args.rounds} rounds x {args.iters} calls; load average {load0[0]:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after")
     print("| implementation | params | GFLOPs/img (XLA) | forward img/s | fwd+bwd img/s |")
     print("|---|---|---|---|---|")
-    print(f"| swin_ssl (JAX) | {best['params'] / 1e6:.2f}M | {best['gflops_per_img']:.2f} | "
-          f"{best['fwd_img_s']:.2f} | {max(r['fwdbwd_img_s'] for r in ours):.2f} |")
-    if theirs:
-        tf_ = max(t["fwd_img_s"] for t in theirs)
-        tb = max(t["fwdbwd_img_s"] for t in theirs)
-        print(f"| timm {theirs[0]['timm']} / torch {theirs[0]['torch']} | {theirs[0]['params'] / 1e6:.2f}M | - | "
-              f"{tf_:.2f} | {tb:.2f} |")
-        print(f"| ratio JAX / timm | | | {best['fwd_img_s'] / tf_:.2f}x | "
-              f"{max(r['fwdbwd_img_s'] for r in ours) / tb:.2f}x |")
+    print(f"| swin_ssl (JAX {info['jax']}) | {info['params'] / 1e6:.2f}M | {info['gflops_per_img']:.2f} | "
+          f"{args.batch / med(ours, 'fwd'):.2f} | {args.batch / med(ours, 'fwdbwd'):.2f} |")
+    if refs:
+        v = refs["fwd"].info
+        print(f"| timm {v['timm']} / torch {v['torch']} | | - | {args.batch / med(theirs, 'fwd'):.2f} | "
+              f"{args.batch / med(theirs, 'fwdbwd'):.2f} |")
+        for k, label in (("walls", "wall"), ("cpus", "CPU time")):
+            print(f"| ratio JAX / timm ({label}) | | | {med(theirs, 'fwd', k) / med(ours, 'fwd', k):.2f}x | "
+                  f"{med(theirs, 'fwdbwd', k) / med(ours, 'fwdbwd', k):.2f}x |")
     elif args.dtype == "float32":
-        print(f"(no timm comparison: {args.timm_python} not found; pass --timm-python, a python with torch + "
-              "timm)")
+        print(f"(no timm comparison: no torch + timm at {args.timm_python!r})")
 
 
 if __name__ == "__main__":

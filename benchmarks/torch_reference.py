@@ -1,7 +1,7 @@
 r"""PyTorch reference train steps (timm's Swin-T inside MoBY- and EsViT-shaped steps written with plain torch),
 run in a subprocess of a Python that has torch + timm, and timed in rounds that alternate with ours.
 
-Used by ``moby_step.py`` and ``esvit_step.py``. Run directly, it is the subprocess: it builds the step, answers
+Used by ``throughput.py`` (timm's backbone alone), ``moby_step.py`` and ``esvit_step.py``. Run directly, it is the subprocess: it builds the step, answers
 each ``run N`` line on stdin with the wall and CPU seconds of N steps as one JSON line, and exits at EOF.
 
 The steps (same work as ours, fp32, all cores):
@@ -28,6 +28,7 @@ class TorchReference:
     """The reference step in a live subprocess, so rounds can alternate with ours without rebuilding it."""
 
     def __init__(self, python: str, kind: str, **setup):
+        # Same CPUs as this process (a pinned run pins both sides), one torch thread per CPU.
         self.proc = subprocess.Popen([python, os.path.abspath(__file__), kind, json.dumps(setup)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._read()  # versions, after the model is built and one step ran
@@ -199,15 +200,34 @@ def esvit_step_fn(torch, timm, batch: int, size: int, local_size: int, num_local
     return step
 
 
+def backbone_fn(torch, timm, name: str, batch: int, res: int, backward: bool):
+    """timm's model in eval mode: the forward under no_grad, or forward + backward of a log-softmax loss."""
+    m = timm.create_model(name, pretrained=False, num_classes=1000, img_size=res).eval()
+    x = torch.randn(batch, 3, res, res)
+
+    def forward():
+        with torch.no_grad():
+            m(x)
+
+    def forward_backward():
+        m.zero_grad(set_to_none=True)
+        torch.log_softmax(m(x), -1)[:, 0].mean().backward()
+
+    return forward_backward if backward else forward
+
+
+STEPS = {"moby": moby_step_fn, "esvit": esvit_step_fn, "backbone": backbone_fn}
+
+
 def _serve(kind: str, setup: dict) -> None:
     import time
     import warnings
     warnings.filterwarnings("ignore")
     import timm
     import torch
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
-    step = (moby_step_fn if kind == "moby" else esvit_step_fn)(torch, timm, **setup)
+    step = STEPS[kind](torch, timm, **setup)
     step()  # warm-up
     print(json.dumps({"torch": torch.__version__, "timm": timm.__version__}), flush=True)
     for line in sys.stdin:

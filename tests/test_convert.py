@@ -269,6 +269,7 @@ def test_swin_window_attention_matches_numpy(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Round trips (exact)
 
+@pytest.mark.slow
 @needs_torch
 @pytest.mark.parametrize("name,num_classes",
                          [("swin_test", 5), ("vit_test", 0), ("swin_tiny", 1000), ("deit_small", 0)])
@@ -549,6 +550,7 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @needs_torch
 def test_cli_import_export_inspect(tmp_path):
     sd = official_swin(np.random.default_rng(13))
@@ -638,6 +640,7 @@ def test_no_pickled_code_runs(tmp_path, monkeypatch):
     assert not mark.exists()
 
 
+@pytest.mark.slow
 @needs_torch
 def test_export_from_a_training_workdir(tmp_path):
     """The teacher of a run (orbax checkpoint written by swin_ssl.checkpoint) -> official .pth."""

@@ -93,6 +93,7 @@ def timm_logits(tmp_path_factory):
     return {"x": x, "dir": tmp, **{name: np.load(tmp / f"{name}.npy") for name in MODELS}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_logits_match_timm(timm_logits, name):
     conv = C.import_checkpoint(str(timm_logits["dir"] / f"{name}.pth"), name)

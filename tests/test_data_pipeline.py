@@ -372,6 +372,7 @@ print("RESULT", json.dumps([jax.process_index(), jax.process_count(), len(ev), s
 """
 
 
+@pytest.mark.slow
 def test_two_processes_form_global_eval_batches(colour_folder):
     """Two real JAX processes (localhost, gloo): each feeds its shard, the global batches hold all 37."""
     import socket

@@ -39,6 +39,7 @@ def reference():
     return _run("jit", jax.devices()[:1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["jit", "pmap"])
 def test_sharded_paths_match_one_device(kind):
     assert jax.device_count() == 8

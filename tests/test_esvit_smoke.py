@@ -41,6 +41,7 @@ def multicrop_input(monkeypatch):
         monkeypatch.setattr(loop.data_lib, "make_train_iterator", multicrop_synthetic)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module,model,region", [(esvit_swin_tiny, "swin_test", True),
                                                  (dino_vit_small, "vit_test", False)])
 def test_smoke_preset_trains_end_to_end(module, model, region, multicrop_input, tmp_path):

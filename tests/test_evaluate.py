@@ -108,6 +108,7 @@ def test_configs_presets():
         knn_config.get_config("nope")
 
 
+@pytest.mark.slow
 def test_cli_writes_results_and_rejects_typos(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), "--config", os.path.join(REPO, "configs/linear.py:smoke"),
@@ -122,6 +123,7 @@ def test_cli_writes_results_and_rejects_typos(tmp_path):
     assert "linear/top1" in ok.stdout
 
 
+@pytest.mark.slow
 def test_training_checkpoint_picks_the_network(tmp_path):
     """A workdir written by swin_ssl.checkpoint: network 'default' follows the objective's meta (here the
     target), 'online' picks the online backbone, the model comes from the meta's training config."""

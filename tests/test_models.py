@@ -285,6 +285,7 @@ def test_mask_padding_hides_padded_keys():
     (dict(), (96, 96), (3, 3)),  # EsViT local crop: 24x24 tokens padded to 28 with W=7
     (dict(), (224, 288), (7, 9)),  # rectangular
 ])
+@pytest.mark.slow
 def test_swin_tiny_runs_on_paper_resolutions(kwargs, shape, tokens):
     model = create_model("swin_tiny", **kwargs)
     x = jnp.zeros((1, *shape, 3))
@@ -298,6 +299,7 @@ def test_swin_tiny_runs_on_paper_resolutions(kwargs, shape, tokens):
     assert np.isfinite(np.asarray(out)).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size,grid", [(224, 14), (96, 6)])
 def test_vit_small_runs_on_224_and_96(size, grid):
     model = create_model("deit_small")

@@ -53,6 +53,7 @@ def _assert_trees_identical(a, b, what):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{what}: leaf {i}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,async_save", [("moby", False), ("esvit", False), ("moby", True)])
 def test_sigkill_and_restart_is_bitwise_identical(objective, async_save, finished_runs, tmp_path):
     """Uninterrupted 6 steps vs ``train.py`` SIGKILLed at step 5 (checkpoints every 3) + the same command again.
@@ -79,6 +80,7 @@ def test_sigkill_and_restart_is_bitwise_identical(objective, async_save, finishe
     _assert_trees_identical(got, want, f"{objective} state after kill + resume")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_143(tmp_path):
     """A real SIGTERM mid-run: checkpoint of the step in progress (none other is due), exit status 143 (not 0, so
     a restart loop or a scheduler's OnFailure policy reruns it), a message; meanwhile a second ``train.py`` on the
@@ -177,6 +179,7 @@ def _poisoned_iterator(bad_step):
     return iterator
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(loop.data_lib, "make_train_iterator", _poisoned_iterator(5))
     config = moby_swin_tiny.get_config("smoke")
@@ -187,6 +190,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state) if np.issubdtype(x.dtype, np.floating))
 
 
+@pytest.mark.slow
 def test_nonfinite_step_can_be_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(loop.data_lib, "make_train_iterator", _poisoned_iterator(5))
     config = moby_swin_tiny.get_config("smoke")
@@ -201,6 +205,7 @@ def test_nonfinite_step_can_be_skipped(tmp_path, monkeypatch):
         loop.train_and_evaluate(config, str(tmp_path / "no_skips"))
 
 
+@pytest.mark.slow
 def test_nonfinite_step_leaves_the_state_untouched(tmp_path):
     """The compiled step itself: a NaN batch changes nothing but the step counter (params, Adam moments and count,
     EMA target, BN statistics, queues and pointer)."""
@@ -230,6 +235,7 @@ def _corrupt(workdir, step):
             f.truncate(8)
 
 
+@pytest.mark.slow
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(finished_run, tmp_path, caplog):
     source, final_state = finished_run
     workdir = str(tmp_path / "run")
@@ -247,6 +253,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(finished_run
     assert not glob.glob(os.path.join(workdir, "checkpoints", "*tmp*"))  # the stale temporary save is cleaned up
 
 
+@pytest.mark.slow
 def test_all_checkpoints_unreadable_never_restarts_from_zero_silently(finished_run, tmp_path):
     """Every checkpoint truncated: the first rerun moves them aside and refuses; the second rerun (what a scheduler's
     auto-restart does) finds an empty checkpoint folder and still refuses, saying where the checkpoints went; only
@@ -298,6 +305,7 @@ def test_transient_read_error_is_retried_then_stops_without_moving_anything(fini
     assert not checkpoint.is_transient(FileNotFoundError("state/manifest.ocdbt"))
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_run_is_refused_not_moved(finished_run, tmp_path):
     source, _ = finished_run
     workdir = str(tmp_path / "run")

@@ -37,6 +37,7 @@ def uninterrupted(tmp_path_factory):
     return result
 
 
+@pytest.mark.slow
 def test_smoke_runs_end_to_end(uninterrupted):
     history = dict(uninterrupted["history"])
     assert uninterrupted["step"] == 6 and sorted(history) == [2, 4, 6]
@@ -53,10 +54,12 @@ def test_smoke_runs_end_to_end(uninterrupted):
     print(f"smoke preset: {uninterrupted['seconds']:.1f}s for 6 steps incl. compilation")
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once(uninterrupted):
     assert uninterrupted["step_compiles"] == 1
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(uninterrupted, tmp_path):
     """Stop at step 3, restart from the checkpoint: same momentum, queues, params as the uninterrupted run."""
     workdir = str(tmp_path)
@@ -77,6 +80,7 @@ def test_resume_continues_exactly(uninterrupted, tmp_path):
     assert len(compiles) == 1  # the restored state has the placement the step was compiled for
 
 
+@pytest.mark.slow
 def test_checkpoint_gives_evaluators_the_backbones(uninterrupted):
     from swin_ssl.evaluators.loading import load_network
     state = jax.device_get(uninterrupted["state"])
@@ -91,6 +95,7 @@ def test_checkpoint_gives_evaluators_the_backbones(uninterrupted):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_deit_smoke_preset_trains(tmp_path):
     c = moby_deit_small.get_config("smoke")
     c.stop_after_steps = 2
@@ -223,6 +228,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(uninterrupted, tmp_path):
     """2 processes x 2 CPU devices (gloo collectives) train the smoke preset like 1 process x 8 devices."""
     import json
@@ -268,6 +274,7 @@ def recording_eval(*, config, params, step, workdir, scale=1.0):
     return {"fake_metric": scale * step}
 
 
+@pytest.mark.slow
 def test_evaluation_hook_is_called_every_n_steps(uninterrupted, tmp_path):
     EVAL_CALLS.clear()
     c = smoke_config(stop_after_steps=5)

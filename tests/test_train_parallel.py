@@ -92,6 +92,7 @@ def one_device():
     return _run("jit", 1, 0.0)
 
 
+@pytest.mark.slow
 def test_jit_on_8_devices_matches_one_device(one_device):
     eight = _run("jit", 8, 0.0)
     _assert_same(eight, one_device)
@@ -101,6 +102,7 @@ def test_jit_on_8_devices_matches_one_device(one_device):
     assert _gathered_shapes(eight["hlo"]) and set(_gathered_shapes(eight["hlo"])) == {"f32[16,32]{1,0}"}
 
 
+@pytest.mark.slow
 def test_pmap_on_8_devices_matches_one_device(one_device):
     pmapped = _run("pmap", 8, 0.0)
     _assert_same(pmapped, one_device)

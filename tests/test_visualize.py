@@ -45,6 +45,7 @@ def assert_not_blank(path):
     assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200
 
 
+@pytest.mark.slow
 def test_attention_cli_vit_random_init(tmp_path, image_path):
     out = str(tmp_path / "vit.png")
     assert V.main(["attention", "--model", "vit_test", "--image", image_path, "--out", out]) == 0

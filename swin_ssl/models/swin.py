@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 Dtype = Any
 MASK_VALUE = -100.0  # the official additive mask value (not -inf)
@@ -97,15 +98,12 @@ def partition_windows_np(grid: np.ndarray, window: int) -> np.ndarray:
 
 def window_partition(x: jax.Array, window: int) -> jax.Array:
     """[B, H, W, C] -> [B * nW, W*W, C], windows batch-major and row-major within an image."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // window, window, w // window, window, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, window * window, c)
+    return rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c", wh=window, ww=window)
 
 
 def window_reverse(windows: jax.Array, window: int, h: int, w: int) -> jax.Array:
-    c = windows.shape[-1]
-    x = windows.reshape(-1, h // window, w // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, h, w, c)
+    return rearrange(windows, "(b nh nw) (wh ww) c -> b (nh wh) (nw ww) c", nh=h // window, nw=w // window,
+                     wh=window)
 
 
 def stage_geometry(img_size: tuple[int, int], patch_size: int, window_size: int, num_stages: int):
