@@ -40,7 +40,7 @@ from swin_ssl.train import optim as optim_lib  # noqa: E402
 from swin_ssl.train import step as step_lib  # noqa: E402
 from swin_ssl.train.state import create_train_state  # noqa: E402
 from swin_ssl.train.validate import durations as durations_of  # noqa: E402
-from benchmarks.torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison  # noqa: E402
+from torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison  # a sibling file: benchmarks run as scripts
 
 MiB = 2 ** 20
 

@@ -23,7 +23,7 @@ import statistics
 import time
 
 
-from benchmarks.torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison  # noqa: E402
+from torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison  # a sibling file: benchmarks run as scripts
 
 
 def main() -> None:

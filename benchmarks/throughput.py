@@ -20,8 +20,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from benchmarks.torch_reference import DEFAULT_PYTHON, TorchReference, available  # noqa: E402
+from torch_reference import DEFAULT_PYTHON, TorchReference, available  # a sibling file: benchmarks run as scripts
 
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_small": "swin_small_patch4_window7_224",
               "swin_base": "swin_base_patch4_window7_224", "deit_small": "deit_small_patch16_224",
