@@ -21,6 +21,7 @@ import tempfile
 import time
 
 import numpy as np
+from torch_reference import timed  # a sibling file: benchmarks run as scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWIN = "swin_ssl/models/swin.py"
@@ -51,15 +52,10 @@ def programs(module, model_name: str, params, x):
             lambda: jax.block_until_ready(grad(params, x)), model)
 
 
-def timed(fn, iters: int) -> tuple[float, float]:
-    """Median wall and process-CPU seconds per call (CPU time is the steadier one when other jobs share the cores)."""
-    walls, cpus = [], []
-    for _ in range(iters):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - t)
-        cpus.append(time.process_time() - c)
-    return float(np.median(walls)), float(np.median(cpus))
+def median_timed(fn, iters: int) -> tuple[float, float]:
+    """Median wall and process-CPU seconds per call."""
+    t = timed(fn, iters)
+    return float(np.median(t["walls"])), float(np.median(t["cpus"]))
 
 
 def main() -> None:
@@ -87,8 +83,8 @@ def main() -> None:
     rows = {k: {"fwd": [], "fwdbwd": []} for k in sides}
     for _ in range(args.rounds):
         for k, (fwd, bwd, _) in sides.items():
-            rows[k]["fwd"].append(timed(fwd, args.iters))
-            rows[k]["fwdbwd"].append(timed(bwd, args.iters))
+            rows[k]["fwd"].append(median_timed(fwd, args.iters))
+            rows[k]["fwdbwd"].append(median_timed(bwd, args.iters))
     print(f"{args.model}, batch {args.batch}, {args.res}px, {args.rounds} alternating rounds x {args.iters} calls; "
           f"load average {load0[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
     for what in ("fwd", "fwdbwd"):

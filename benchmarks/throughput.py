@@ -20,22 +20,11 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from torch_reference import DEFAULT_PYTHON, TorchReference, available  # a sibling file: benchmarks run as scripts
+from torch_reference import DEFAULT_PYTHON, TorchReference, available, timed  # a sibling file: benchmarks run as scripts
 
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_small": "swin_small_patch4_window7_224",
               "swin_base": "swin_base_patch4_window7_224", "deit_small": "deit_small_patch16_224",
               "vit_base": "vit_base_patch16_224"}
-
-
-def timed(fn, iters: int) -> dict:
-    """Wall and process-CPU seconds of ``iters`` calls."""
-    walls, cpus = [], []
-    for _ in range(iters):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - t)
-        cpus.append(time.process_time() - c)
-    return {"walls": walls, "cpus": cpus}
 
 
 def build_jax(model_name: str, batch: int, res: int, dtype: str):

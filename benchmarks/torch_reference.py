@@ -20,8 +20,21 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 DEFAULT_PYTHON = os.environ.get("SWIN_SSL_TORCH_PYTHON", "/work/torchref/bin/python")
+
+
+def timed(fn, iters: int) -> dict:
+    """Wall and process-CPU seconds of ``iters`` calls of ``fn`` (CPU time is the steadier one when other jobs
+    share the cores); the reference subprocess reports the same two lists."""
+    walls, cpus = [], []
+    for _ in range(iters):
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return {"walls": walls, "cpus": cpus}
 
 
 class TorchReference:
