@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 from torch_reference import timed  # a sibling file: benchmarks run as scripts

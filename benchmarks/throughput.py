@@ -17,7 +17,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from torch_reference import DEFAULT_PYTHON, TorchReference, available, timed  # a sibling file: benchmarks run as scripts
