@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from test_reliability import CONFIGS, ROOT, _assert_trees_identical, _finish, _train_py  # puts ROOT on sys.path
 
 from swin_ssl import checkpoint  # noqa: E402
@@ -41,6 +43,7 @@ def _compilation_cache(tmp_path) -> dict[str, str]:
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
+@pytest.mark.slow
 def test_gs_workdir_train_kill_resume_and_evaluate(gcs, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()

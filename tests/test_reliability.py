@@ -121,6 +121,7 @@ def sigterm_self_at_2(*, config, params, step, workdir):
     return {}
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_input_is_stalled_still_saves_and_stops(tmp_path, monkeypatch):
     """The input hangs before step 3 (a file read that never returns) and SIGTERM arrives: the run still ends
     with the checkpoint of step 2 instead of waiting for a batch that never comes."""
@@ -279,6 +280,7 @@ def test_all_checkpoints_unreadable_never_restarts_from_zero_silently(finished_r
     _assert_trees_identical(jax.device_get(result["state"]), final_state, "state trained afresh")
 
 
+@pytest.mark.slow
 def test_transient_read_error_is_retried_then_stops_without_moving_anything(finished_run, tmp_path, monkeypatch):
     """A stale NFS handle while reading the newest checkpoint is not corruption: retried, then the run stops with
     StorageUnavailable (train.py: exit 75) and every checkpoint stays where it is."""
@@ -322,6 +324,7 @@ def test_checkpoint_of_another_run_is_refused_not_moved(finished_run, tmp_path):
 
 # --- resuming with another configuration ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_with_another_batch_size_is_refused_before_compiling(finished_run, tmp_path, monkeypatch):
     """The data position, epoch-based schedules and the queue pointer all depend on the global batch: a rerun with
     another one is refused with one line naming the key and both values, before anything is compiled."""
@@ -346,6 +349,7 @@ def test_resume_with_another_batch_size_is_refused_before_compiling(finished_run
     assert not os.path.exists(os.path.join(workdir, "lock.json"))  # released after each attempt
 
 
+@pytest.mark.slow
 def test_update_that_makes_the_state_nonfinite_is_never_applied(tmp_path, monkeypatch):
     """Loss and gradients finite, the update not: Adam with eps=0 divides 0 by 0 for parameters whose gradient is
     exactly zero (biases before BatchNorm). Validation refuses eps=0 up front; this is the second line of defence,

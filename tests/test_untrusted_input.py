@@ -237,6 +237,7 @@ FOLDER_FLAGS = ["--config.data.name=image_folder", "--config.data.num_train_exam
                 "--config.data.max_skip_fraction=0.5", "--config.async_checkpointing=False"]
 
 
+@pytest.mark.slow
 def test_training_over_a_hostile_folder_finishes_names_each_bad_file_once_and_resumes_exactly(hostile, tmp_path):
     root, files = hostile
     config = "configs/moby_swin_tiny.py:smoke"
