@@ -1,4 +1,4 @@
-"""Remote workdirs (issue #14): ``train.py --workdir gs://bucket/run`` against a local Cloud Storage emulator.
+"""Remote workdirs: ``train.py --workdir gs://bucket/run`` against a local Cloud Storage emulator.
 
 A MoBY smoke run on ``gs://`` is SIGKILLed at step 5 and rerun: it resumes from the step-3 checkpoint in the bucket
 and ends bitwise equal to an uninterrupted run (local workdir). ``evaluate.py`` (k-NN) then reads that workdir and
