@@ -5,7 +5,10 @@ Clients: orbax (tensorstore for array data, etils.epath for directories), etils.
 own GCS filesystem (``tf.io.gfile``, clu's TensorBoard writer, TFDS shards) through the local TLS proxy.
 """
 import json
+import os
 import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -86,29 +89,41 @@ def test_clu_writer_puts_tensorboard_events_in_the_bucket(in_gcs, tmp_path):
     assert values == [(3, "loss", 0.25)]
 
 
-def test_tfds_prepares_and_reads_a_dataset_in_the_bucket(in_gcs):
-    """TFRecord shards written and read by TensorFlow (through the proxy), metadata by etils.epath (gcsfs)."""
-    import tensorflow_datasets as tfds
+TFDS_IN_THE_BUCKET = r"""
+import numpy as np
+import tensorflow_datasets as tfds
 
-    class GcsCheckTiny(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
 
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"id": np.int64}))
+class GcsCheckTiny(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
 
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"id": np.int64}))
 
-        def _generate_examples(self):
-            for i in range(10):
-                yield i, {"id": i}
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
 
-    builder = GcsCheckTiny(data_dir="gs://bucket/checks/tfds")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    shards = [n for n in in_gcs.objects("checks/tfds/gcs_check_tiny/1.0.0/") if ".tfrecord-" in n]
-    assert len(shards) == 1, in_gcs.objects("checks/tfds/")
-    ids = sorted(int(x["id"]) for x in tfds.as_numpy(builder.as_dataset(split="train")))
-    assert ids == list(range(10))
+    def _generate_examples(self):
+        for i in range(10):
+            yield i, {"id": i}
+
+
+builder = GcsCheckTiny(data_dir="gs://bucket/checks/tfds")
+builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+print("IDS", sorted(int(x["id"]) for x in tfds.as_numpy(builder.as_dataset(split="train"))))
+"""
+
+
+def test_tfds_prepares_and_reads_a_dataset_in_the_bucket(gcs):
+    """TFRecord shards written and read by TensorFlow (through the proxy), metadata by etils.epath (gcsfs). In a
+    process of its own, as in a real run: etils fixes its backend (gcsfs or TensorFlow) when a process first
+    uses it, so an earlier test in this process could have chosen TensorFlow's."""
+    run = subprocess.run([sys.executable, "-c", TFDS_IN_THE_BUCKET], env={**os.environ, **gcs.env}, text=True,
+                         capture_output=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    shards = [n for n in gcs.objects("checks/tfds/gcs_check_tiny/1.0.0/") if ".tfrecord-" in n]
+    assert len(shards) == 1, gcs.objects("checks/tfds/")
+    assert f"IDS {list(range(10))}" in run.stdout
 
 
 def test_proxy_refuses_other_hosts(gcs):
