@@ -309,14 +309,24 @@ def test_transient_read_error_is_retried_then_stops_without_moving_anything(fini
 
 @pytest.mark.slow
 def test_checkpoint_of_another_run_is_refused_not_moved(finished_run, tmp_path):
+    """Another run's configuration is refused by the recorded run config; with the override the checkpoint itself
+    is still refused (other objective, other shapes). Nothing is moved either way."""
     source, _ = finished_run
     workdir = str(tmp_path / "run")
     shutil.copytree(source, workdir)
     config = moby_swin_tiny.get_config("smoke")
     config.moby.proj_dim = 16  # same model name, other head shapes
+    with pytest.raises(loop.hosts.RunRefused, match=r"another configuration \(moby.proj_dim: \d+ -> 16\)"):
+        loop.train_and_evaluate(config, workdir)
+    config.resume.allow_config_change = True
     with pytest.raises(ValueError, match="does not match the configured train state"):
         loop.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "run_config.json")) as f:
+        assert json.load(f)["moby.proj_dim"] != 16  # a refused restore leaves the recorded configuration alone
     config = esvit_swin_tiny.get_config("smoke")
+    with pytest.raises(loop.hosts.RunRefused, match=r'objective: "moby" -> "esvit"'):
+        loop.train_and_evaluate(config, workdir)
+    config.resume.allow_config_change = True
     with pytest.raises(ValueError, match="objective='moby' but the config has 'esvit'"):
         loop.train_and_evaluate(config, workdir)
     assert _steps(workdir) == [3, 6] and not os.path.exists(os.path.join(workdir, "unreadable_checkpoints"))

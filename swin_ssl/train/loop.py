@@ -214,16 +214,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lock = workdir_lib.WorkdirLock(workdir, float(config.resume.lock_timeout_seconds)) if hosts.is_leader() else None
     hosts.leader_decides(lock.acquire if lock else None)
     try:
-        hosts.leader_decides(lambda: workdir_lib.check_run_config(
+        record = hosts.leader_decides(lambda: workdir_lib.check_run_config(
             workdir, config, resuming=ckpt_lib.has_checkpoints(workdir)))
-        return _train(config, workdir, durations, lock)
+        return _train(config, workdir, durations, lock, record)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, durations: Durations,
-           lock: workdir_lib.WorkdirLock | None) -> dict:
+           lock: workdir_lib.WorkdirLock | None, record_config: bool) -> dict:
     logging.info("%s training: %s steps (%s per epoch), warmup %s, %d devices, %d processes",
                  config.objective, durations.total_steps, durations.steps_per_epoch, durations.warmup_steps,
                  jax.device_count(), jax.process_count())
@@ -235,6 +235,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, durations: Durations
     # counts them as the latest step.
     restored = ckpt_lib.restore_latest(workdir, abstract, resume=config.resume,
                                        expect={"objective": config.objective, "model": config.model.name})
+    if record_config and hosts.is_leader():
+        workdir_lib.record_run_config(workdir, config)
     writer = metrics_lib.create_writer(workdir, asynchronous=True)
     manager = ckpt_lib.make_manager(workdir, every_steps=int(config.checkpoint_every_steps),
                                     keep=int(config.keep_checkpoints), asynchronous=bool(config.async_checkpointing))

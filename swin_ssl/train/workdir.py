@@ -169,19 +169,25 @@ def differences(recorded: dict, current: dict) -> list[str]:
             for k in sorted(set(recorded) | set(current)) if recorded.get(k, missing) != current.get(k, missing)]
 
 
-def check_run_config(workdir: str, config: ml_collections.ConfigDict, *, resuming: bool) -> None:
-    """Records the run-defining configuration; when ``resuming`` a run that already has checkpoints, refuses a
-    different one (:class:`RunRefused`) unless ``config.resume.allow_config_change``."""
-    path = storage.join(workdir, RUN_CONFIG_FILE)
-    current = run_defining(config)
-    recorded = _read_json(storage.as_path(path)) if resuming else None
-    if recorded:
-        diffs = differences(recorded, current)
-        if diffs and not config.resume.allow_config_change:
-            raise RunRefused(f"{workdir} holds a run with another configuration ({'; '.join(diffs)}): rerun with "
-                             f"the recorded values, use another --workdir, or set "
-                             f"--config.resume.allow_config_change=True")
-        if not diffs:
-            return
+def check_run_config(workdir: str, config: ml_collections.ConfigDict, *, resuming: bool) -> bool:
+    """When ``resuming`` a run that already has checkpoints, refuses a different run-defining configuration
+    (:class:`RunRefused`) unless ``config.resume.allow_config_change``. Returns whether ``run_config.json`` must be
+    (re)written, which :func:`record_run_config` does once the checkpoint was restored (a refused restore must not
+    leave the new configuration recorded)."""
+    recorded = _read_json(storage.as_path(storage.join(workdir, RUN_CONFIG_FILE))) if resuming else None
+    if not recorded:
+        return True
+    diffs = differences(recorded, run_defining(config))
+    if diffs and not config.resume.allow_config_change:
+        raise RunRefused(f"{workdir} holds a run with another configuration ({'; '.join(diffs)}): rerun with "
+                         f"the recorded values, use another --workdir, or set "
+                         f"--config.resume.allow_config_change=True")
+    if diffs:
         logging.warning("Resuming with a changed configuration (resume.allow_config_change): %s", "; ".join(diffs))
-    storage.atomic_write_text(path, json.dumps(current, indent=1, sort_keys=True))
+    return bool(diffs)
+
+
+def record_run_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes the run-defining configuration to ``<workdir>/run_config.json`` (atomically)."""
+    storage.atomic_write_text(storage.join(workdir, RUN_CONFIG_FILE),
+                              json.dumps(run_defining(config), indent=1, sort_keys=True))
