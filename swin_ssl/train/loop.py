@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import itertools
 import json
 import logging
 import math
@@ -169,10 +170,12 @@ class BatchFeeder:
     """Reads the host's batches in a background thread, so the loop can notice a SIGTERM while the input is
     stalled (a hung file read, a slow network mount) and stop within about ``poll_seconds``."""
 
-    def __init__(self, batches: Iterator[dict], poll_seconds: float = 0.5, depth: int = 2):
+    def __init__(self, batches: Iterator[dict], count: int, poll_seconds: float = 0.5, depth: int = 2):
         self.poll_seconds = poll_seconds
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._fill, args=(batches,), daemon=True, name="batch-feeder")
+        # Exactly the batches the run will use: reading ahead past the last step would only cost input work.
+        self._thread = threading.Thread(target=self._fill, args=(itertools.islice(batches, count),), daemon=True,
+                                        name="batch-feeder")
         self._thread.start()
 
     def _fill(self, batches: Iterator[dict]) -> None:
@@ -253,7 +256,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, durations: Durations
     if config.get("stop_after_steps") is not None:
         end = min(end, int(config.stop_after_steps))
     feeder = None if start >= end else BatchFeeder(data_lib.make_train_iterator(
-        config, process_index=jax.process_index(), process_count=jax.process_count(), start_step=start))
+        config, process_index=jax.process_index(), process_count=jax.process_count(), start_step=start),
+        count=end - start)
     progress = metrics_lib.report_progress(durations.total_steps, writer)
     log_every, save_every = max(int(config.log_every_steps), 1), int(config.checkpoint_every_steps)
     eval_every = int(config.evals.every_steps) if config.evals.get("fn") else 0
