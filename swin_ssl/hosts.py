@@ -30,13 +30,6 @@ def is_leader() -> bool:
     return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-    """All processes wait here (no-op on one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
 def broadcast_json(value: Any) -> Any:
     """Process 0's JSON-serialisable ``value`` on every process (the others' ``value`` is ignored)."""
     if jax.process_count() == 1:
