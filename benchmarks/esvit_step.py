@@ -40,7 +40,7 @@ from swin_ssl.train import optim as optim_lib  # noqa: E402
 from swin_ssl.train import step as step_lib  # noqa: E402
 from swin_ssl.train.state import create_train_state  # noqa: E402
 from swin_ssl.train.validate import durations as durations_of  # noqa: E402
-from torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison  # a sibling file: benchmarks run as scripts
+from torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison, timed  # a sibling file: benchmarks run as scripts
 
 MiB = 2 ** 20
 
@@ -105,17 +105,20 @@ def bench_step(args):
                                local_size=args.local_size, num_local=args.num_local,
                                out_dim=args.out_dim) if compare else None
     load0 = os.getloadavg()
-    times, cpu, ref = [], [], {"walls": [], "cpus": []}
+    box = {"state": state}
+
+    def one_step():
+        box["state"], box["metrics"] = compiled(box["state"], batch)
+        jax.block_until_ready(box["metrics"])
+
+    ours, ref = {"walls": [], "cpus": []}, {"walls": [], "cpus": []}
     for _ in range(args.rounds):
-        for _ in range(args.steps):
-            t, c0 = time.time(), time.process_time()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.time() - t)
-            cpu.append(time.process_time() - c0)
+        for k, v in timed(one_step, args.steps).items():
+            ours[k] += v
         if reference:
             for k, v in reference.run(args.steps).items():
                 ref[k] += v
+    times, cpu, metrics = ours["walls"], ours["cpus"], box["metrics"]
     sec = float(np.median(times))
     crops = 2 + args.num_local
     print(f"  step {sec * 1000:.0f} ms wall (median of {len(times)}) -> {args.batch / sec:.2f} images/s "

@@ -23,7 +23,7 @@ import statistics
 import time
 
 
-from torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison  # a sibling file: benchmarks run as scripts
+from torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison, timed  # a sibling file: benchmarks run as scripts
 
 
 def main() -> None:
@@ -82,18 +82,20 @@ def main() -> None:
                and c.model.name == "swin_tiny")
     reference = TorchReference(args.torch_python, "moby", batch=batch, size=size) if compare else None
     load0 = os.getloadavg()
-    walls, cpus, ref = [], [], {"walls": [], "cpus": []}
+    box = {"state": state}
+
+    def one_step():
+        box["state"], box["metrics"] = program.step(box["state"], par.put_batch(host_batch))
+        jax.block_until_ready(box["metrics"])
+
+    ours, ref = {"walls": [], "cpus": []}, {"walls": [], "cpus": []}
     for _ in range(args.rounds):
-        for _ in range(args.steps):
-            device_batch = par.put_batch(host_batch)
-            c0, t0 = time.process_time(), time.perf_counter()
-            state, metrics = program.step(state, device_batch)
-            jax.block_until_ready(metrics)
-            walls.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - c0)
+        for k, v in timed(one_step, args.steps).items():
+            ours[k] += v
         if reference:
             for k, v in reference.run(args.steps).items():
                 ref[k] += v
+    walls, cpus, state, metrics = ours["walls"], ours["cpus"], box["state"], box["metrics"]
     loss = float(jax.device_get(metrics["loss"]))
 
     wall = statistics.median(walls)

@@ -103,7 +103,7 @@ def vit_cls_attention(module, variables, images: np.ndarray) -> np.ndarray:
 def swin_last_attention(module, variables, images: np.ndarray) -> dict:
     """Last-stage ``tokens`` [B, h, w, D] and, when the last stage is one unshifted window (a plain global
     attention over its tokens), the last block's ``attention`` [B, heads, N, N], recomputed as
-    softmax(q k^T * head_dim^-0.5 + relative-position bias) from its captured ``qkv`` output [B, N, 3C];
+    softmax(q k^T * head_dim^-0.5 + relative-position bias) from its captured q, k, v projections (as one [B, N, 3C]);
     ``attn_out`` is the block's captured attention-module output (for checking the recomputation).
     """
     import flax.linen as nn
@@ -124,7 +124,7 @@ def swin_last_attention(module, variables, images: np.ndarray) -> dict:
         node = state["intermediates"]
         for part in attn_path:
             node = node[part]
-        return feats["tokens"], node["qkv"]["__call__"][0], node["__call__"][0]
+        return feats["tokens"], jnp.concatenate(node["qkv"]["__call__"][0], axis=-1), node["__call__"][0]
 
     tokens, qkv, attn_out = (np.asarray(a) for a in jax.jit(run)(variables, jnp.asarray(normalize(images))))
     b, h, w, _ = tokens.shape

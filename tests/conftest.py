@@ -4,13 +4,11 @@ import os
 import shutil
 import tempfile
 
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-    _flags += " --xla_force_host_platform_device_count=8"
-# Tests are compile-bound: the lowest backend optimisation level halves compile time, numerics unchanged.
-if "xla_backend_optimization_level" not in _flags:
-    _flags += " --xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = _flags.strip()
+from tests.xla_env import xla_flags  # noqa: E402
+
+# 8 simulated devices and compile-time flags (tests/xla_env.py says why), unless the caller chose a device count.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(8)}".strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The suite is written for 8 simulated CPU devices, also on a machine that has a GPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -17,6 +17,7 @@ from PIL import Image
 from swin_ssl import data
 from swin_ssl.data import augment as aug
 from swin_ssl.data import fashion_mnist, pipeline, sources
+from tests.xla_env import xla_flags
 
 MEAN, STD = np.asarray(aug.IMAGENET_MEAN), np.asarray(aug.IMAGENET_STD)
 LO, HI = (0 - MEAN) / STD, (1 - MEAN) / STD  # per-channel range of a normalised [0, 1] image
@@ -354,7 +355,6 @@ def test_host_batches_become_sharded_global_arrays(jpeg_folder):
 _WORKER = r"""
 import json, os, sys
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 import jax, numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 rank, port, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -380,7 +380,7 @@ def test_two_processes_form_global_eval_batches(colour_folder):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = {**{k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}, "XLA_FLAGS": xla_flags(2)}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                          env.get("PYTHONPATH", "")])
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(rank), str(port), colour_folder], env=env,

@@ -12,6 +12,7 @@ from configs import knn as knn_config
 from configs import linear as linear_config
 from swin_ssl.evaluators import loading, run
 from swin_ssl.models import create_model
+from tests.xla_env import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,7 +111,7 @@ def test_configs_presets():
 
 @pytest.mark.slow
 def test_cli_writes_results_and_rejects_typos(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), "--config", os.path.join(REPO, "configs/linear.py:smoke"),
            "--workdir", str(tmp_path)]
     bad = subprocess.run(cmd + ["--config.linear.epochz=3"], capture_output=True, text=True, env=env, cwd=REPO)

@@ -16,6 +16,7 @@ from configs import moby_deit_small, moby_swin_tiny  # noqa: E402
 from tests.jit_helpers import count_compilations  # noqa: E402
 from swin_ssl.train import loop  # noqa: E402
 from swin_ssl.train import validate as validate_lib  # noqa: E402
+from tests.xla_env import xla_flags  # noqa: E402
 
 
 def smoke_config(**overrides):
@@ -188,7 +189,6 @@ def test_presets_resolve(fmnist_stub_dir):
 
 WORKER = r"""
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
 from configs import moby_swin_tiny  # the worker runs in the repository root (``python -c``: cwd first on the path)
 from swin_ssl.train import loop
@@ -233,7 +233,7 @@ def test_two_processes_match_one_process(uninterrupted, tmp_path):
     """2 processes x 2 CPU devices (gloo collectives) train the smoke preset like 1 process x 8 devices."""
     import json
     code = WORKER.format(root=ROOT, port=_free_port(), workdir=str(tmp_path))
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2)}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, cwd=ROOT, env=env) for i in range(2)]
     results = []
