@@ -10,7 +10,8 @@ their ratio are printed with the load average::
     python benchmarks/step_ab.py --ref HEAD~1 --config configs/esvit_swin_tiny.py:demo
     python benchmarks/step_ab.py --ref main --config configs/moby_swin_tiny.py:paper300 --set batch_size=8
 
-The demo's steps/s on Fashion-MNIST moves by this ratio (its input pipeline runs in a background thread).
+Only the step is timed, not the input pipeline (which a training run overlaps with the steps in a background
+thread).
 """
 from __future__ import annotations
 
