@@ -24,9 +24,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from torch_reference import LiveWorker, serve_steps  # a sibling file: benchmarks run as scripts
 
 
 def literal(text: str):
@@ -38,7 +38,7 @@ def literal(text: str):
 
 
 def worker(config_spec: str, overrides: list[str]) -> None:
-    """Runs in the subprocess: build, compile, then time ``n`` steps per line read from stdin."""
+    """Runs in the subprocess: build, compile, then time the steps each ``run N`` line on stdin asks for."""
     import jax
 
     from swin_ssl.config_files import load_config
@@ -59,17 +59,8 @@ def worker(config_spec: str, overrides: list[str]) -> None:
 
     step()
     import swin_ssl
-    print(json.dumps({"devices": jax.device_count(), "kind": jax.devices()[0].device_kind,
-                      "code": os.path.dirname(os.path.dirname(swin_ssl.__file__))}), flush=True)
-    for line in sys.stdin:
-        walls, cpus = [], []
-        for _ in range(int(line)):
-            t, c = time.perf_counter(), time.process_time()
-            step()
-            walls.append(time.perf_counter() - t)
-            cpus.append(time.process_time() - c)
-        print(json.dumps({"walls": walls, "cpus": cpus}), flush=True)
-
+    serve_steps(step, {"devices": jax.device_count(), "kind": jax.devices()[0].device_kind,
+                       "code": os.path.dirname(os.path.dirname(swin_ssl.__file__))})
 
 def export_revision(ref: str) -> str:
     """The tree of ``ref`` unpacked into a temporary folder (its path)."""
@@ -82,32 +73,16 @@ def export_revision(ref: str) -> str:
     return folder
 
 
-class Side:
+class Side(LiveWorker):
+    """One revision's worker: this script with ``--worker``, importing ``swin_ssl`` from ``root``."""
+
     def __init__(self, root: str, args):
         env = dict(os.environ, PYTHONPATH=root)
         env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # as make demo's processes
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "--config", args.config]
-                                     + [f"--set={s}" for s in args.set], cwd=root, env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        self.info = self._read()
+        super().__init__(f"worker for {root}", [sys.executable, os.path.abspath(__file__), "--worker", "--config",
+                                                args.config] + [f"--set={s}" for s in args.set], cwd=root, env=env)
         if os.path.realpath(self.info["code"]) != os.path.realpath(root):
             raise RuntimeError(f"the worker for {root} imported swin_ssl from {self.info['code']}")
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker exited with {self.proc.wait()}")
-        return json.loads(line)
-
-    def run(self, steps: int) -> dict:
-        self.proc.stdin.write(f"{steps}\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -37,19 +37,19 @@ def timed(fn, iters: int) -> dict:
     return {"walls": walls, "cpus": cpus}
 
 
-class TorchReference:
-    """The reference step in a live subprocess, so rounds can alternate with ours without rebuilding it."""
+class LiveWorker:
+    """A benchmark subprocess kept alive between rounds: it prints one JSON line once built (``info``), then
+    answers each ``run N`` line on stdin with the wall and CPU seconds of N steps (``serve_steps``)."""
 
-    def __init__(self, python: str, kind: str, **setup):
-        # Same CPUs as this process (a pinned run pins both sides), one torch thread per CPU.
-        self.proc = subprocess.Popen([python, os.path.abspath(__file__), kind, json.dumps(setup)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.info = self._read()  # versions, after the model is built and one step ran
+    def __init__(self, name: str, cmd: list[str], **popen):
+        self.name = name
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **popen)
+        self.info = self._read()
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"torch reference exited with {self.proc.wait()}")
+            raise RuntimeError(f"{self.name} exited with {self.proc.wait()}")
         return json.loads(line)
 
     def run(self, steps: int) -> dict:
@@ -60,6 +60,22 @@ class TorchReference:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait()
+
+
+def serve_steps(step, info: dict) -> None:
+    """The subprocess side of ``LiveWorker``: announce ``info``, then time ``step`` for each ``run N`` line."""
+    print(json.dumps(info), flush=True)
+    for line in sys.stdin:
+        print(json.dumps(timed(step, int(line.split()[1]))), flush=True)
+
+
+class TorchReference(LiveWorker):
+    """The reference step in a live subprocess, so rounds can alternate with ours without rebuilding it."""
+
+    def __init__(self, python: str, kind: str, **setup):
+        # Same CPUs as this process (a pinned run pins both sides), one torch thread per CPU.
+        super().__init__("torch reference", [python, os.path.abspath(__file__), kind, json.dumps(setup)])
+        # self.info: versions, after the model is built and one step ran
 
 
 def available(python: str) -> bool:
@@ -233,7 +249,6 @@ STEPS = {"moby": moby_step_fn, "esvit": esvit_step_fn, "backbone": backbone_fn}
 
 
 def _serve(kind: str, setup: dict) -> None:
-    import time
     import warnings
     warnings.filterwarnings("ignore")
     import timm
@@ -242,15 +257,7 @@ def _serve(kind: str, setup: dict) -> None:
     torch.manual_seed(0)
     step = STEPS[kind](torch, timm, **setup)
     step()  # warm-up
-    print(json.dumps({"torch": torch.__version__, "timm": timm.__version__}), flush=True)
-    for line in sys.stdin:
-        walls, cpus = [], []
-        for _ in range(int(line.split()[1])):
-            t, c = time.perf_counter(), time.process_time()
-            step()
-            walls.append(time.perf_counter() - t)
-            cpus.append(time.process_time() - c)
-        print(json.dumps({"walls": walls, "cpus": cpus}), flush=True)
+    serve_steps(step, {"torch": torch.__version__, "timm": timm.__version__})
 
 
 if __name__ == "__main__":
