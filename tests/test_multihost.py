@@ -22,9 +22,12 @@ from tests.xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--config", "configs/moby_swin_tiny.py:smoke", "--config.async_checkpointing=False"]
-# Every check runs with 2 processes; the read-error agreement also with 4 (several hosts besides the leader).
-# Each 4-process launch costs minutes on a 2-core machine (each process compiles its own program).
-TWO, TWO_AND_FOUR = [2], [2, 4]
+
+
+def layouts(*counts):
+    """Run a test on the ``straight`` run of each process count (``2proc``, ``4proc``)."""
+    return pytest.mark.parametrize("straight", counts, indirect=True, ids=lambda n: f"{n}proc")
+
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +90,7 @@ def straight(request, tmp_path_factory, cache_dir):
     return n, workdir
 
 
-@pytest.mark.parametrize("straight", TWO, indirect=True, ids=lambda n: f"{n}proc")
+@layouts(2)
 def test_kill_and_resume_is_bitwise(straight, tmp_path, cache_dir):
     n, reference = straight
     hook = ["--config.evals.fn=tests.hooks:sigkill_at", "--config.evals.every_steps=1"]
@@ -102,7 +105,7 @@ def test_kill_and_resume_is_bitwise(straight, tmp_path, cache_dir):
     _assert_trees_identical(got, want, f"{n}-process state after kill + resume")
 
 
-@pytest.mark.parametrize("straight", TWO, indirect=True, ids=lambda n: f"{n}proc")
+@layouts(2)
 def test_sigterm_to_one_process_stops_all_at_one_step(straight, tmp_path, cache_dir):
     n, _ = straight
     flags = ["--config.total_steps=100000", "--config.checkpoint_every_steps=100000",
@@ -127,7 +130,9 @@ def _copy(reference, tmp_path):
     return workdir
 
 
-@pytest.mark.parametrize("straight", TWO_AND_FOUR, indirect=True, ids=lambda n: f"{n}proc")
+# Also with 4 processes (several hosts besides the leader); every 4-process launch costs minutes on a 2-core
+# machine (each process compiles its own program), so the other checks run with 2.
+@layouts(2, 4)
 def test_transient_read_error_on_one_host_stops_every_host_alike(straight, tmp_path, cache_dir):
     n, reference = straight
     workdir = _copy(reference, tmp_path)
@@ -140,7 +145,7 @@ def test_transient_read_error_on_one_host_stops_every_host_alike(straight, tmp_p
     assert _steps(workdir) == [3, 6] and not (workdir / "unreadable_checkpoints").exists()  # nothing moved
 
 
-@pytest.mark.parametrize("straight", TWO, indirect=True, ids=lambda n: f"{n}proc")
+@layouts(2)
 def test_damaged_checkpoint_on_one_host_makes_every_host_fall_back(straight, tmp_path, cache_dir):
     n, reference = straight
     workdir = _copy(reference, tmp_path)
