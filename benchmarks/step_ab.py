@@ -3,7 +3,8 @@ r"""The full train step of a config at a git revision against the working tree's
 Each side runs in a live subprocess: one imports ``swin_ssl`` from ``git archive <--ref>`` unpacked into a
 temporary folder, the other from this checkout. Both build the program of the same config (the data set
 replaced by synthetic batches of the same shapes, so only the step is timed), compile, run one step, then
-take turns: ``--rounds`` rounds of ``--steps`` steps each; medians of the per-step wall and CPU times and
+take turns (the first step's seconds, compilation included, are printed too; the sides compile one after
+the other): ``--rounds`` rounds of ``--steps`` steps each; medians of the per-step wall and CPU times and
 their ratio are printed with the load average::
 
     python benchmarks/step_ab.py --ref HEAD~1                                    # make demo's step (MoBY)
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from torch_reference import LiveWorker, serve_steps  # a sibling file: benchmarks run as scripts
@@ -57,9 +59,11 @@ def worker(config_spec: str, overrides: list[str]) -> None:
         box["state"], metrics = program.step(box["state"], batch)
         jax.block_until_ready(metrics)
 
-    step()
+    start = time.perf_counter()
+    step()  # compiles
     import swin_ssl
     serve_steps(step, {"devices": jax.device_count(), "kind": jax.devices()[0].device_kind,
+                       "first_step_s": time.perf_counter() - start,
                        "code": os.path.dirname(os.path.dirname(swin_ssl.__file__))})
 
 def export_revision(ref: str) -> str:
@@ -113,7 +117,7 @@ def main() -> None:
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
     for name, m in med.items():
         print(f"  {name:>14}: {m['walls'] * 1e3:8.1f} ms/step wall ({1 / m['walls']:.2f} steps/s), "
-              f"{m['cpus'] * 1e3:8.1f} ms CPU time")
+              f"{m['cpus'] * 1e3:8.1f} ms CPU time; first step (compile) {sides[name].info['first_step_s']:.1f} s")
     ref, new = med[args.ref], med["working tree"]
     print(f"  working tree / {args.ref}: {ref['walls'] / new['walls']:.2f}x steps/s (wall), "
           f"{ref['cpus'] / new['cpus']:.2f}x (CPU time)")

@@ -52,6 +52,18 @@ def build_jax(model_name: str, batch: int, res: int, dtype: str):
     return fns, info
 
 
+def matmul_peak(dtype: str, n: int = 2048, rounds: int = 5) -> float:
+    """The machine's sustained matmul rate (GFLOP/s): an n x n x n product, best of ``rounds`` calls."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), getattr(jnp, dtype))
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, a).block_until_ready()
+    best = min(timed(lambda: matmul(a, a).block_until_ready(), 1)["walls"][0] for _ in range(rounds))
+    return 2 * n ** 3 / best / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="swin_tiny")
@@ -87,6 +99,7 @@ def main() -> None:
                     theirs[what][k] += v
     for r in refs.values():
         r.close()
+    peak = matmul_peak(args.dtype)
     med = lambda d, w, k="walls": statistics.median(d[w][k])  # noqa: E731
     print(f"\n{args.model} @ {args.res}px, batch {args.batch}, {args.dtype}, device: {info['device']}, "
           f"{len(os.sched_getaffinity(0))} CPU(s); "
@@ -96,6 +109,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     print(f"| swin_ssl (JAX {info['jax']}) | {info['params'] / 1e6:.2f}M | {info['gflops_per_img']:.2f} | "
           f"{args.batch / med(ours, 'fwd'):.2f} | {args.batch / med(ours, 'fwdbwd'):.2f} |")
+    flops = info["gflops_per_img"] * args.batch
+    print(f"matmul peak ({args.dtype}, 2048^3, best of 5): {peak:.0f} GFLOP/s; achieved (XLA's forward count, "
+          f"fwd+bwd as 3x): forward {flops / med(ours, 'fwd') / peak:.0%}, "
+          f"fwd+bwd {3 * flops / med(ours, 'fwdbwd') / peak:.0%} of it")
     if refs:
         v = refs["fwd"].info
         print(f"| timm {v['timm']} / torch {v['torch']} | | - | {args.batch / med(theirs, 'fwd'):.2f} | "

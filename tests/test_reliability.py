@@ -8,6 +8,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -224,6 +225,22 @@ def test_nonfinite_step_leaves_the_state_untouched(tmp_path):
     assert float(metrics["finite"]) == 0.0 and not math.isfinite(float(metrics["loss"]))
     assert int(after.step) == int(before.step) + 1
     _assert_trees_identical(after.replace(step=before.step), before, "state after a non-finite step")
+
+
+@pytest.mark.slow
+def test_nonfinite_guard_is_one_flag_in_the_compiled_step():
+    """The guard's flag (every value of the new state finite) is computed once: the compiled step holds a few ANDs
+    per state leaf, not the AND over all leaves copied into each leaf's select (a program that grows with the
+    square of the number of leaves and compiles, and loads from the compilation cache, several times slower)."""
+    config = moby_swin_tiny.get_config("smoke")
+    program = loop.build_program(config, loop.validate(config, device_count=jax.device_count()))
+    batch = next(loop.data_lib.make_train_iterator(config, process_index=0, process_count=1, start_step=0))
+    with program.parallel.context():
+        state = program.init(jax.random.PRNGKey(0))
+        hlo = program.step.lower(state, program.parallel.put_batch(batch)).compile().as_text()
+    leaves = sum(np.issubdtype(x.dtype, np.floating) for x in jax.tree.leaves(state))
+    ands = len(re.findall(r" and\(", hlo))
+    assert leaves > 100 and ands < 4 * leaves, (ands, leaves)
 
 
 # --- checkpoint integrity -------------------------------------------------------------------------------------

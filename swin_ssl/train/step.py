@@ -74,6 +74,9 @@ def train_step(state: TrainState, batch, *, objective: Objective, optimizer: Opt
     # stats) as it was before this step; only the step counter moves on, so the data order and schedules stay
     # aligned. The loop decides whether to stop or go on (config.on_nonfinite); either way nothing broken is kept.
     finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & all_finite(new_state)
+    # Through a (scalar) cond, XLA cannot copy the AND over every leaf into each select below: without it the
+    # program grows with the square of the number of leaves (a 4x compile time, 8x cache-load time on CPU).
+    finite = jax.lax.cond(finite, lambda: True, lambda: False)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
     new_state = new_state.replace(step=old_state.step + 1)
     metrics["finite"] = finite
