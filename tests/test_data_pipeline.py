@@ -110,6 +110,7 @@ def _equal(a, b):
     return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
 
 
+@pytest.mark.slow
 def test_same_seed_same_batches_other_seed_others_and_resume(jpeg_folder):
     cfg = _cfg("multicrop", source="folder", data_dir=jpeg_folder)
     make = lambda **kw: data.make_train_iterator(cfg, batch_size_per_host=4, process_index=0,  # noqa: E731
@@ -308,6 +309,7 @@ def test_fetch_unpacks_the_debian_package_into_the_cache(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------- TFDS
+@pytest.mark.slow
 def test_tfds_imagenet2012_with_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=10):

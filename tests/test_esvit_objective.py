@@ -9,6 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import dino_vit_small, esvit_swin_tiny  # noqa: E402
 from swin_ssl.objectives import dino, multicrop  # noqa: E402
@@ -70,6 +71,7 @@ def esvit_setup():
 
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_multicrop_forward_equals_one_call_per_group_on_the_concatenation():
     config, _, state, _ = esvit_setup()
     student, _, _ = dino.build_networks(config)

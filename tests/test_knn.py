@@ -168,6 +168,7 @@ def test_in_training_knn_on_swin_matches_bruteforce():
         assert metrics[f"knn/top5_k{k}"] == pytest.approx(100 * top5), k
 
 
+@pytest.mark.slow
 def test_raw_pixel_fashion_mnist_baseline():
     """Cosine k-NN on raw pixels, full 60k bank / 10k queries: the known
     baseline (85.8 % at k=1, 84.6 % at k=20), and at k=1 the same answer as

@@ -132,6 +132,7 @@ def test_random_resized_crop_box_within_scale_and_ratio():
     assert area.max() - area.min() > 0.05  # sampled, not fixed
 
 
+@pytest.mark.slow
 def test_augmented_probe_on_swin_runs_backbone_in_train_mode():
     """The faithful (augmenting) path: swin_test with stochastic depth active (MoBY), two lrs, padded batches.
 

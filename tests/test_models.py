@@ -398,6 +398,7 @@ def test_bfloat16_compute_keeps_float32_params_and_close_outputs():
     assert 1e-4 < relative < 2e-2, relative
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["swin_test", "vit_test"])
 def test_remat_keeps_parameters_outputs_and_gradients(name):
     """``remat=True`` (memory option for 16 GB accelerators) is the same function with the same parameter tree;

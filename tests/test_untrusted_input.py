@@ -187,6 +187,7 @@ def _good_folder(root, n=8):
     return sorted(os.path.join(root, "train", "c", f"{i}.JPEG") for i in range(n))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transient", [True, False])
 def test_read_errors_are_retried_then_stop_never_skipped(tmp_path, monkeypatch, transient):
     paths = _good_folder(str(tmp_path))
