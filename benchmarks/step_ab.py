@@ -11,6 +11,9 @@ their ratio are printed with the load average::
     python benchmarks/step_ab.py --ref HEAD~1 --config configs/esvit_swin_tiny.py:demo
     python benchmarks/step_ab.py --ref main --config configs/moby_swin_tiny.py:paper300 --set batch_size=8
 
+The workers see this environment's devices: one CPU device, as ``make demo`` runs; prefix
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` for the 8 simulated devices of ``benchmarks/fmnist.py``.
+
 Only the step is timed, not the input pipeline (which a training run overlaps with the steps in a background
 thread).
 """
@@ -81,8 +84,7 @@ class Side(LiveWorker):
     """One revision's worker: this script with ``--worker``, importing ``swin_ssl`` from ``root``."""
 
     def __init__(self, root: str, args):
-        env = dict(os.environ, PYTHONPATH=root)
-        env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  # as make demo's processes
+        env = dict(os.environ, PYTHONPATH=root)  # devices: this environment's (make demo: one CPU device)
         super().__init__(f"worker for {root}", [sys.executable, os.path.abspath(__file__), "--worker", "--config",
                                                 args.config] + [f"--set={s}" for s in args.set], cwd=root, env=env)
         if os.path.realpath(self.info["code"]) != os.path.realpath(root):

@@ -25,6 +25,7 @@ def in_gcs(gcs):
         yield gcs
 
 
+@pytest.mark.slow
 def test_orbax_checkpoint_manager_saves_and_restores(in_gcs):
     import orbax.checkpoint as ocp
     from etils import epath
@@ -114,6 +115,7 @@ print("IDS", sorted(int(x["id"]) for x in tfds.as_numpy(builder.as_dataset(split
 """
 
 
+@pytest.mark.slow
 def test_tfds_prepares_and_reads_a_dataset_in_the_bucket(gcs):
     """TFRecord shards written and read by TensorFlow (through the proxy), metadata by etils.epath (gcsfs). In a
     process of its own, as in a real run: etils fixes its backend (gcsfs or TensorFlow) when a process first

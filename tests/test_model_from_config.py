@@ -48,6 +48,7 @@ def test_training_and_evaluation_build_the_same_geometry(objective):
     assert {k: geometry(m) for k, m in built.items()} == {k: expected_geometry() for k in built}
 
 
+@pytest.mark.slow
 def test_export_of_a_run_uses_the_training_geometry(tmp_path, monkeypatch):
     """export_workdir writes the attention masks of the shifted blocks; at 64 px stage 1 is shifted, so its second
     block has a mask (at the preset's 32 px it would not)."""

@@ -344,6 +344,7 @@ def test_vit_position_embedding_interpolation_matches_dino(height, width):
     np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_drop_path_is_a_per_sample_linear_ramp():
     model = create_model("swin_test", drop_path_rate=0.3)
     x = jnp.ones((256, 32, 32, 3))
@@ -369,6 +370,7 @@ def test_drop_path_is_a_per_sample_linear_ramp():
 # ------------------------------------------------------------------------------------------------
 # Sharding: a jitted forward over 8 devices with the batch sharded equals the one-device forward.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["swin_test", "vit_test"])
 def test_sharded_forward_matches_one_device(name):
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices (tests/conftest.py)"
@@ -385,6 +387,7 @@ def test_sharded_forward_matches_one_device(name):
     np.testing.assert_allclose(np.asarray(out), np.asarray(one), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_close_outputs():
     """bf16 matmuls, fp32 parameters and outputs: the pooled features (unit scale after the final LayerNorm) stay
     within bf16's precision of the fp32 ones, and do differ from them (the bf16 path is really taken)."""
