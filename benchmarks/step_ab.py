@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import os
 import statistics
 import subprocess
@@ -69,6 +68,7 @@ def worker(config_spec: str, overrides: list[str]) -> None:
                        "first_step_s": time.perf_counter() - start,
                        "code": os.path.dirname(os.path.dirname(swin_ssl.__file__))})
 
+
 def export_revision(ref: str) -> str:
     """The tree of ``ref`` unpacked into a temporary folder (its path)."""
     folder = tempfile.mkdtemp(prefix="step_ab_")
@@ -89,6 +89,7 @@ class Side(LiveWorker):
                                                 args.config] + [f"--set={s}" for s in args.set], cwd=root, env=env)
         if os.path.realpath(self.info["code"]) != os.path.realpath(root):
             raise RuntimeError(f"the worker for {root} imported swin_ssl from {self.info['code']}")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -207,17 +207,22 @@ def test_nonfinite_step_can_be_skipped(tmp_path, monkeypatch):
         loop.train_and_evaluate(config, str(tmp_path / "no_skips"))
 
 
+def _program_state_batch(config, durations):
+    """The compiled program of ``config``, its initial state and the first host batch of the smoke data."""
+    program = loop.build_program(config, durations)
+    with program.parallel.context():
+        state = program.init(jax.random.PRNGKey(0))
+    batch = next(loop.data_lib.make_train_iterator(config, process_index=0, process_count=1, start_step=0))
+    return program, state, batch
+
+
 @pytest.mark.slow
 def test_nonfinite_step_leaves_the_state_untouched(tmp_path):
     """The compiled step itself: a NaN batch changes nothing but the step counter (params, Adam moments and count,
     EMA target, BN statistics, queues and pointer)."""
     config = moby_swin_tiny.get_config("smoke")
-    durations = loop.validate(config, device_count=jax.device_count())
-    program = loop.build_program(config, durations)
-    with program.parallel.context():
-        state = program.init(jax.random.PRNGKey(0))
+    program, state, batch = _program_state_batch(config, loop.validate(config, device_count=jax.device_count()))
     before = jax.device_get(state)
-    batch = next(loop.data_lib.make_train_iterator(config, process_index=0, process_count=1, start_step=0))
     batch = {k: np.where(np.arange(v.shape[0])[:, None, None, None] == 3, np.inf, v) for k, v in batch.items()}
     with program.parallel.context():
         after, metrics = program.step(state, program.parallel.put_batch(batch))
@@ -233,10 +238,8 @@ def test_nonfinite_guard_is_one_flag_in_the_compiled_step():
     per state leaf, not the AND over all leaves copied into each leaf's select (a program that grows with the
     square of the number of leaves and compiles, and loads from the compilation cache, several times slower)."""
     config = moby_swin_tiny.get_config("smoke")
-    program = loop.build_program(config, loop.validate(config, device_count=jax.device_count()))
-    batch = next(loop.data_lib.make_train_iterator(config, process_index=0, process_count=1, start_step=0))
+    program, state, batch = _program_state_batch(config, loop.validate(config, device_count=jax.device_count()))
     with program.parallel.context():
-        state = program.init(jax.random.PRNGKey(0))
         hlo = program.step.lower(state, program.parallel.put_batch(batch)).compile().as_text()
     leaves = sum(np.issubdtype(x.dtype, np.floating) for x in jax.tree.leaves(state))
     ands = len(re.findall(r" and\(", hlo))
@@ -384,11 +387,8 @@ def test_update_that_makes_the_state_nonfinite_is_never_applied(tmp_path, monkey
     config = moby_swin_tiny.get_config("smoke")
     durations = loop.validate(config, device_count=jax.device_count())
     config.optim.eps = 0.0
-    program = loop.build_program(config, durations)
-    with program.parallel.context():
-        state = program.init(jax.random.PRNGKey(0))
+    program, state, batch = _program_state_batch(config, durations)
     before = jax.device_get(state)
-    batch = next(loop.data_lib.make_train_iterator(config, process_index=0, process_count=1, start_step=0))
     with program.parallel.context():
         after, metrics = program.step(state, program.parallel.put_batch(batch))
     assert float(metrics["finite"]) == 0.0
