@@ -30,13 +30,17 @@ fmnist:
 	  $(PY) -m swin_ssl.data.fashion_mnist --fetch --cache $(FMNIST_CACHE); \
 	fi
 
-# The suite simulates 8 devices on the CPU (tests/conftest.py sets the flags).
+# The suite simulates 8 devices on the CPU (tests/conftest.py sets the flags). Its processes mostly compile or
+# import on one thread: two pytest workers (pytest-xdist) keep two cores busy; each test file stays on one worker
+# so its module fixtures run once, in the order tests/conftest.py gives (the longest files first).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: install fmnist
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # The iteration tier: everything but the tests marked slow (pytest.ini).
 test-fast: install fmnist
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 demo: install fmnist
 	$(PY) -m swin_ssl.demo --objective $(OBJECTIVE) --workdir $(DEMO_DIR)

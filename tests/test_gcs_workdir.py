@@ -5,8 +5,8 @@ and ends bitwise equal to an uninterrupted run (local workdir). ``evaluate.py`` 
 writes ``results.json`` + TensorBoard events next to it. Checkpoints, events and results are objects in the bucket;
 nothing is written locally (the processes' working directory stays empty, no ``gs:`` folder appears anywhere).
 
-The local reference run and the run that gets killed start together; the killed run leaves its executables in a
-JAX compilation cache in the test's tmp dir, from which the rerun loads them instead of compiling again.
+The local reference run and the run that gets killed start together; the rerun loads their executables from the
+suite's JAX compilation cache (``tests/conftest.py``) instead of compiling again.
 """
 import json
 import os
@@ -37,28 +37,21 @@ def _gcs_steps(gcs) -> set[int]:
     return {int(top) for top in tops if top.isdigit()}
 
 
-def _compilation_cache(tmp_path) -> dict[str, str]:
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # cache every executable, even fast-compiling ones
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
 @pytest.mark.slow
 def test_gs_workdir_train_kill_resume_and_evaluate(gcs, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = {**gcs.env, **_compilation_cache(tmp_path)}
     # The uninterrupted local reference runs alongside the run that gets killed (each compiles on its own core).
     straight = tmp_path / "straight"
     straight_run = _train_py(straight, CONFIG, SYNC)
-    rc, log = _finish(_train_py(RUN, CONFIG, SYNC, *KILL_HOOK, env={**env, "SWIN_SSL_KILL_AT": "5"}, cwd=cwd))
+    rc, log = _finish(_train_py(RUN, CONFIG, SYNC, *KILL_HOOK, env={**gcs.env, "SWIN_SSL_KILL_AT": "5"}, cwd=cwd))
     straight_rc, straight_log = _finish(straight_run)
     assert straight_rc == 0, straight_log[-3000:]
     assert rc == -signal.SIGKILL, log[-3000:]
     assert _local_files(cwd) == [], "the run on gs:// wrote locally"
     assert _gcs_steps(gcs) == {3}, gcs.objects("run/")
 
-    rc, log = _finish(_train_py(RUN, CONFIG, SYNC, env=env, cwd=cwd))
+    rc, log = _finish(_train_py(RUN, CONFIG, SYNC, env=gcs.env, cwd=cwd))
     assert rc == 0, log[-3000:]
     assert "Restoring checkpoint of step 3" in log, log[-3000:]
     assert _gcs_steps(gcs) == {3, 6}, gcs.objects("run/checkpoints/")

@@ -24,9 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--config", "configs/moby_swin_tiny.py:smoke", "--config.async_checkpointing=False"]
 
 
-def layouts(*counts):
-    """Run a test on the ``straight`` run of each process count (``2proc``, ``4proc``)."""
-    return pytest.mark.parametrize("straight", counts, indirect=True, ids=lambda n: f"{n}proc")
+HOSTS = 2  # processes of the straight run and of every launch that does not say otherwise
 
 
 pytestmark = pytest.mark.slow
@@ -80,19 +78,17 @@ def _error_lines(log):
 
 
 @pytest.fixture(scope="module")
-def straight(request, tmp_path_factory, cache_dir):
-    """``n`` processes train the smoke preset to step 6 in one go (checkpoints 3 and 6)."""
-    n = request.param
-    workdir = tmp_path_factory.mktemp(f"straight_{n}")
-    for rc, log in _wait(_launch(n, workdir, cache_dir=cache_dir)):
+def straight(tmp_path_factory, cache_dir):
+    """``HOSTS`` processes train the smoke preset to step 6 in one go (checkpoints 3 and 6)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    for rc, log in _wait(_launch(HOSTS, workdir, cache_dir=cache_dir)):
         assert rc == 0, log[-3000:]
     assert _steps(workdir) == [3, 6]
-    return n, workdir
+    return workdir
 
 
-@layouts(2)
 def test_kill_and_resume_is_bitwise(straight, tmp_path, cache_dir):
-    n, reference = straight
+    n, reference = HOSTS, straight
     hook = ["--config.evals.fn=tests.hooks:sigkill_at", "--config.evals.every_steps=1"]
     results = _wait(_launch(n, tmp_path, *hook, cache_dir=cache_dir, extra_env={"SWIN_SSL_KILL_AT": "5"}))
     assert all(rc == -signal.SIGKILL for rc, _ in results), [log[-2000:] for _, log in results]
@@ -105,9 +101,8 @@ def test_kill_and_resume_is_bitwise(straight, tmp_path, cache_dir):
     _assert_trees_identical(got, want, f"{n}-process state after kill + resume")
 
 
-@layouts(2)
-def test_sigterm_to_one_process_stops_all_at_one_step(straight, tmp_path, cache_dir):
-    n, _ = straight
+def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path, cache_dir):
+    n = HOSTS
     flags = ["--config.total_steps=100000", "--config.checkpoint_every_steps=100000",
              "--config.evals.fn=tests.hooks:mark_alive", "--config.evals.every_steps=1"]
     procs = _launch(n, tmp_path, *flags, cache_dir=cache_dir)
@@ -130,12 +125,11 @@ def _copy(reference, tmp_path):
     return workdir
 
 
-# Also with 4 processes (several hosts besides the leader); every 4-process launch costs minutes on a 2-core
-# machine (each process compiles its own program), so the other checks run with 2.
-@layouts(2, 4)
-def test_transient_read_error_on_one_host_stops_every_host_alike(straight, tmp_path, cache_dir):
-    n, reference = straight
-    workdir = _copy(reference, tmp_path)
+# Also read by 4 processes (several hosts besides the leader; the job restarted on a larger slice): the checkpoints
+# are the 2-process run's, since a 4-process run of its own costs minutes on a 2-core machine.
+@pytest.mark.parametrize("n", [HOSTS, 4], ids=lambda n: f"{n}proc")
+def test_transient_read_error_on_one_host_stops_every_host_alike(straight, n, tmp_path, cache_dir):
+    workdir = _copy(straight, tmp_path)
     faults = ["transient", str(n - 1), "6"]
     results = _wait(_launch(n, workdir, "--config.resume.retry_seconds=0.1", cache_dir=cache_dir, faults=faults))
     assert [rc for rc, _ in results] == [75] * n, [log[-2000:] for _, log in results]
@@ -145,9 +139,8 @@ def test_transient_read_error_on_one_host_stops_every_host_alike(straight, tmp_p
     assert _steps(workdir) == [3, 6] and not (workdir / "unreadable_checkpoints").exists()  # nothing moved
 
 
-@layouts(2)
 def test_damaged_checkpoint_on_one_host_makes_every_host_fall_back(straight, tmp_path, cache_dir):
-    n, reference = straight
+    n, reference = HOSTS, straight
     workdir = _copy(reference, tmp_path)
     results = _wait(_launch(n, workdir, cache_dir=cache_dir, faults=["damaged", str(n - 1), "6"]))
     for rc, log in results:
