@@ -24,8 +24,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import pytest  # noqa: E402
 
-# The files that start train.py processes, longest first: `make test` hands whole files to its two workers in this
-# order, so the longest ones do not start last and leave one worker alone at the end.
+# The longest files (most of them start train.py processes), longest first: `make test` hands whole files to its
+# workers in this order, so a long one does not start last and leave one worker alone at the end.
 LONGEST_FILES = ("test_multihost.py", "test_reliability.py", "test_untrusted_input.py", "test_gcs_workdir.py",
                  "test_train_loop.py", "test_models.py")
 

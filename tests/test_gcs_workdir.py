@@ -41,7 +41,7 @@ def _gcs_steps(gcs) -> set[int]:
 def test_gs_workdir_train_kill_resume_and_evaluate(gcs, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    # The uninterrupted local reference runs alongside the run that gets killed (each compiles on its own core).
+    # The uninterrupted local reference runs alongside the run that gets killed (each on its own core).
     straight = tmp_path / "straight"
     straight_run = _train_py(straight, CONFIG, SYNC)
     rc, log = _finish(_train_py(RUN, CONFIG, SYNC, *KILL_HOOK, env={**gcs.env, "SWIN_SSL_KILL_AT": "5"}, cwd=cwd))
