@@ -2,8 +2,9 @@
 sharing one workdir, as the hosts of a pod do: kill-and-resume is bitwise, SIGTERM to one process stops all of
 them at one step with one checkpoint, and a read error on one host gives the same outcome on every host.
 
-The launches of one layout run the same programs; a persistent compilation cache shared by the launches keeps
-them from compiling each one again (it changes no numbers: the cached executable is the compiled one).
+The launches run the same programs; the suite's persistent compilation cache (``tests/conftest.py``, inherited
+through the environment) keeps process 0 from compiling each one again (it changes no numbers: the cached
+executable is the compiled one).
 """
 import glob
 import os
@@ -36,17 +37,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
-def _launch(n, workdir, *flags, cache_dir, faults=None, extra_env=None):
+def _launch(n, workdir, *flags, faults=None, extra_env=None):
     """``n`` processes of ``train.py`` (or of ``tests/storage_faults.py`` wrapping it) on one coordinator."""
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": xla_flags(1),
-           "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_COMPILATION_CACHE_DIR": cache_dir,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", **(extra_env or {})}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
+           **(extra_env or {})}
     procs = []
     for i in range(n):
         script = ["train.py"] if faults is None else ["tests/storage_faults.py", *faults, "--"]
@@ -78,41 +73,39 @@ def _error_lines(log):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, cache_dir):
+def straight(tmp_path_factory):
     """``HOSTS`` processes train the smoke preset to step 6 in one go (checkpoints 3 and 6)."""
     workdir = tmp_path_factory.mktemp("straight")
-    for rc, log in _wait(_launch(HOSTS, workdir, cache_dir=cache_dir)):
+    for rc, log in _wait(_launch(HOSTS, workdir)):
         assert rc == 0, log[-3000:]
     assert _steps(workdir) == [3, 6]
     return workdir
 
 
-def test_kill_and_resume_is_bitwise(straight, tmp_path, cache_dir):
-    n, reference = HOSTS, straight
+def test_kill_and_resume_is_bitwise(straight, tmp_path):
     hook = ["--config.evals.fn=tests.hooks:sigkill_at", "--config.evals.every_steps=1"]
-    results = _wait(_launch(n, tmp_path, *hook, cache_dir=cache_dir, extra_env={"SWIN_SSL_KILL_AT": "5"}))
+    results = _wait(_launch(HOSTS, tmp_path, *hook, extra_env={"SWIN_SSL_KILL_AT": "5"}))
     assert all(rc == -signal.SIGKILL for rc, _ in results), [log[-2000:] for _, log in results]
     assert _steps(tmp_path) == [3]
-    for rc, log in _wait(_launch(n, tmp_path, cache_dir=cache_dir)):
+    for rc, log in _wait(_launch(HOSTS, tmp_path)):
         assert rc == 0 and "Restoring checkpoint of step 3" in log, log[-3000:]
-    want, _ = checkpoint.restore_raw(str(reference))
+    want, _ = checkpoint.restore_raw(str(straight))
     got, meta = checkpoint.restore_raw(str(tmp_path))
     assert meta["step"] == 6
-    _assert_trees_identical(got, want, f"{n}-process state after kill + resume")
+    _assert_trees_identical(got, want, f"{HOSTS}-process state after kill + resume")
 
 
-def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path, cache_dir):
-    n = HOSTS
+def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path):
     flags = ["--config.total_steps=100000", "--config.checkpoint_every_steps=100000",
              "--config.evals.fn=tests.hooks:mark_alive", "--config.evals.every_steps=1"]
-    procs = _launch(n, tmp_path, *flags, cache_dir=cache_dir)
+    procs = _launch(HOSTS, tmp_path, *flags)
     deadline = time.time() + 600
     while not (tmp_path / "alive").exists() and all(p.poll() is None for p in procs) and time.time() < deadline:
         time.sleep(0.5)
     assert (tmp_path / "alive").exists(), _wait(procs)[0][1][-3000:]
     procs[-1].send_signal(signal.SIGTERM)  # the last host only, as when one VM of a pod is preempted
     results = _wait(procs)
-    assert [rc for rc, _ in results] == [143] * n, [log[-2000:] for _, log in results]
+    assert [rc for rc, _ in results] == [143] * HOSTS, [log[-2000:] for _, log in results]
     saved = _steps(tmp_path)
     assert len(saved) == 1, saved
     for _, log in results:
@@ -128,10 +121,10 @@ def _copy(reference, tmp_path):
 # Also read by 4 processes (several hosts besides the leader; the job restarted on a larger slice): the checkpoints
 # are the 2-process run's, since a 4-process run of its own costs minutes on a 2-core machine.
 @pytest.mark.parametrize("n", [HOSTS, 4], ids=lambda n: f"{n}proc")
-def test_transient_read_error_on_one_host_stops_every_host_alike(straight, n, tmp_path, cache_dir):
+def test_transient_read_error_on_one_host_stops_every_host_alike(straight, n, tmp_path):
     workdir = _copy(straight, tmp_path)
     faults = ["transient", str(n - 1), "6"]
-    results = _wait(_launch(n, workdir, "--config.resume.retry_seconds=0.1", cache_dir=cache_dir, faults=faults))
+    results = _wait(_launch(n, workdir, "--config.resume.retry_seconds=0.1", faults=faults))
     assert [rc for rc, _ in results] == [75] * n, [log[-2000:] for _, log in results]
     errors = [_error_lines(log) for _, log in results]
     assert all(len(e) == 1 for e in errors) and len({e[0] for e in errors}) == 1, errors  # one line, the same
@@ -139,17 +132,16 @@ def test_transient_read_error_on_one_host_stops_every_host_alike(straight, n, tm
     assert _steps(workdir) == [3, 6] and not (workdir / "unreadable_checkpoints").exists()  # nothing moved
 
 
-def test_damaged_checkpoint_on_one_host_makes_every_host_fall_back(straight, tmp_path, cache_dir):
-    n, reference = HOSTS, straight
-    workdir = _copy(reference, tmp_path)
-    results = _wait(_launch(n, workdir, cache_dir=cache_dir, faults=["damaged", str(n - 1), "6"]))
+def test_damaged_checkpoint_on_one_host_makes_every_host_fall_back(straight, tmp_path):
+    workdir = _copy(straight, tmp_path)
+    results = _wait(_launch(HOSTS, workdir, faults=["damaged", str(HOSTS - 1), "6"]))
     for rc, log in results:
         assert rc == 0 and "Restoring checkpoint of step 3" in log, log[-3000:]
     assert len(glob.glob(str(workdir / "unreadable_checkpoints" / "6-*"))) == 1  # moved aside once, by process 0
-    want, _ = checkpoint.restore_raw(str(reference))
+    want, _ = checkpoint.restore_raw(str(straight))
     got, meta = checkpoint.restore_raw(str(workdir))
     assert meta["step"] == 6
-    _assert_trees_identical(got, want, f"{n}-process state retrained from step 3")
+    _assert_trees_identical(got, want, f"{HOSTS}-process state retrained from step 3")
 
 
 TFDS_WORKER = r"""
