@@ -9,6 +9,7 @@ See configs/knn.py and configs/linear.py for the presets, swin_ssl/evaluators/ru
 from absl import app, flags
 from ml_collections import config_flags
 
+from swin_ssl import host_memory
 from swin_ssl.config_files import parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config (configs/knn.py or configs/linear.py).",
@@ -20,6 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    host_memory.keep_freed_memory_mapped()  # before JAX starts its backend
     from swin_ssl.evaluators.run import evaluate  # after flag parsing: JAX reads XLA_FLAGS at import
     evaluate(_CONFIG.value, _WORKDIR.value)
 

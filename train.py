@@ -17,6 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from swin_ssl import host_memory
 from swin_ssl.config_files import parse_flags
 from swin_ssl.hosts import RunRefused, StorageUnavailable
 from swin_ssl.train import loop
@@ -32,6 +33,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.info("Config:\n%s", FLAGS.config)
+    logging.info("XLA:CPU scratch memory kept mapped between steps: %s", host_memory.keep_freed_memory_mapped())
     try:
         result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (RunRefused, StorageUnavailable) as e:

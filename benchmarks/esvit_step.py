@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from swin_ssl import host_memory  # noqa: E402
 from swin_ssl.config_files import config_module  # noqa: E402
 
 esvit_swin_tiny = config_module("esvit_swin_tiny")
@@ -225,6 +226,7 @@ def main():
     p.add_argument("--skip_step", action="store_true")
     p.add_argument("--skip_region", action="store_true")
     args = p.parse_args()
+    host_memory.keep_freed_memory_mapped()  # as train.py does, before JAX starts its backend
     if not args.skip_step:
         bench_step(args)
     if args.analyze_batch:

@@ -127,6 +127,9 @@ def main(argv=None) -> int:
         except (ValueError, SyntaxError):
             overrides[key] = value  # a bare string
 
+    from swin_ssl import host_memory
+
+    host_memory.keep_freed_memory_mapped()  # as train.py does, before JAX starts its backend
     import jax
     from swin_ssl.evaluators import compare
 

@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(REPO, "runs", "fmnist_supervised.json"))
     args = parser.parse_args(argv)
 
+    from swin_ssl import host_memory
+
+    host_memory.keep_freed_memory_mapped()  # as train.py does, before JAX starts its backend
     import jax
     import jax.numpy as jnp
     import numpy as np

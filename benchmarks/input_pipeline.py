@@ -315,6 +315,9 @@ def main() -> None:
     if args.pin and hasattr(os, "sched_setaffinity"):
         pin = {sorted(os.sched_getaffinity(0))[0]}
         os.sched_setaffinity(0, pin)
+    from swin_ssl import host_memory
+
+    host_memory.keep_freed_memory_mapped()  # as train.py does on the CPU (the pipeline shares its process)
     ref_python, ref_kind = find_reference(args.torch_python)
     ref_images = args.ref_images or max(16, args.images // 4)
     import tensorflow as tf

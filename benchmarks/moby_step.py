@@ -40,6 +40,9 @@ def main() -> None:
     parser.add_argument("--drop-path", type=float, default=None)
     args = parser.parse_args()
 
+    from swin_ssl import host_memory
+
+    host_memory.keep_freed_memory_mapped()  # as train.py does, before JAX starts its backend
     import jax
     import numpy as np
 

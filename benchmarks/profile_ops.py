@@ -120,8 +120,10 @@ def moby_step(batch: int, res: int):
     import jax
     import numpy as np
 
-    from configs import moby_swin_tiny
+    from swin_ssl.config_files import config_module
     from swin_ssl.train import loop, validate
+
+    moby_swin_tiny = config_module("moby_swin_tiny")
 
     c = moby_swin_tiny.get_config("paper300")
     c.batch_size, c.data.image_size, c.data.name, c.data.data_dir = batch, res, "synthetic", ""
@@ -146,6 +148,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args()
+    from swin_ssl import host_memory
+
+    host_memory.keep_freed_memory_mapped()  # as train.py does, before JAX starts its backend
     import jax
 
     run = (swin_fwdbwd if args.what == "fwdbwd" else moby_step)(args.batch, args.res)

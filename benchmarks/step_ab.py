@@ -43,6 +43,11 @@ def literal(text: str):
 
 def worker(config_spec: str, overrides: list[str]) -> None:
     """Runs in the subprocess: build, compile, then time the steps each ``run N`` line on stdin asks for."""
+    try:  # as train.py does, at the revisions that have it
+        from swin_ssl import host_memory
+        host_memory.keep_freed_memory_mapped()
+    except ImportError:
+        pass
     import jax
 
     from swin_ssl.config_files import load_config

@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=2)
     args = parser.parse_args()
+    from swin_ssl import host_memory
+
+    host_memory.keep_freed_memory_mapped()  # both sides alike, as train.py does, before JAX starts its backend
     import jax
 
     old = load_module("swin_ref", subprocess.check_output(["git", "show", f"{args.ref}:{SWIN}"], cwd=ROOT, text=True))

@@ -82,6 +82,9 @@ def main() -> None:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
 
+    from swin_ssl import host_memory
+
+    host_memory.keep_freed_memory_mapped()  # as train.py does, before JAX starts its backend
     (fwd, fwdbwd), info = build_jax(args.model, args.batch, args.res, args.dtype)
     compare = bool(args.timm_python) and available(args.timm_python) and args.dtype == "float32" \
         and args.model in TIMM_NAMES

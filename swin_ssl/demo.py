@@ -32,9 +32,11 @@ def main() -> None:
 
     # Imported here so that --help works instantly.
     from absl import logging
+    from swin_ssl import host_memory
     from swin_ssl.evaluators.compare import knn_comparison
     from swin_ssl.train.loop import train_and_evaluate
 
+    host_memory.keep_freed_memory_mapped()  # before JAX starts its backend
     logging.set_verbosity(logging.INFO)  # progress, steps/s and ETA (absl hides INFO outside app.run)
     config = load_preset(args.objective, args.preset)
     print(f"[demo] pretraining {config.model.name} with {args.objective} on Fashion-MNIST -> {os.path.abspath(workdir)}")
