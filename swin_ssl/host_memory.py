@@ -1,4 +1,5 @@
-"""Host memory for XLA:CPU: keep freed memory mapped, so a compiled program's scratch buffer is reused.
+"""Host memory for XLA:CPU (opt-in, ``SWIN_SSL_HOST_MALLOC=keep``): keep freed memory mapped, so a compiled
+program's scratch buffer is reused.
 
 XLA:CPU gives each call of a compiled program one scratch allocation for all its temporaries (1.47 GB for a
 Swin-T forward+backward at batch 8, 224 px). glibc's ``malloc`` serves a block that large with a fresh ``mmap``
@@ -8,10 +9,11 @@ off, the block comes from the heap and stays there for the next call: few or no 
 PyTorch allocates per tensor and takes ~10x fewer faults per step, so it gains little from the same settings.
 
 The cost: the process keeps its peak heap (it is reused, not returned to the kernel), and all threads share one
-arena, which slows allocation-heavy threaded work such as XLA's compiler (10-25 % longer compiles measured). A step of a
-real model more than pays for it; a process that mostly compiles tiny programs (the test suite) does not. On a GPU
-or TPU host the temporaries live in device memory, so nothing is changed there. ``SWIN_SSL_HOST_MALLOC=default``
-turns it off everywhere.
+arena. That arena is contended by every thread that allocates: compiles take 10-25 % longer, and with the tf.data
+input pipeline in the same process ``make demo``'s training ran 1.4-1.6x *slower* (the step alone, fed one fixed
+batch, ran 1.17x faster). So it is off unless asked for: it pays where the compiled step is the work (a step fed
+from memory, the step benchmarks), not in a training run with its input pipeline. On a GPU or TPU host the
+temporaries live in device memory, so it never applies there.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import importlib.util
 import os
 import sys
 
-OPT_OUT_ENV = "SWIN_SSL_HOST_MALLOC"  # "default": leave glibc's malloc as it is
+OPT_IN_ENV = "SWIN_SSL_HOST_MALLOC"  # "keep": apply the settings below; anything else: glibc's defaults
 # mallopt() parameters (glibc's malloc.h) and the values set: one arena, no mmap, never trim (-1 is SIZE_MAX).
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
@@ -38,11 +40,12 @@ def jax_will_run_on_cpu() -> bool:
 
 
 def keep_freed_memory_mapped() -> bool:
-    """Applies the settings above when JAX will run on the CPU (glibc on Linux only); returns whether it did.
+    """Applies the settings above when ``SWIN_SSL_HOST_MALLOC=keep`` and JAX will run on the CPU (glibc on Linux
+    only); returns whether it did.
 
     Call it first thing in a process, before JAX starts its backend: threads that already own a malloc arena
     keep it, and XLA's worker threads are the ones that allocate the scratch buffer."""
-    if os.environ.get(OPT_OUT_ENV) == "default" or not sys.platform.startswith("linux") or not jax_will_run_on_cpu():
+    if os.environ.get(OPT_IN_ENV) != "keep" or not sys.platform.startswith("linux") or not jax_will_run_on_cpu():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's C library; absent outside glibc

@@ -12,10 +12,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The suite is written for 8 simulated CPU devices, also on a machine that has a GPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# glibc's default malloc here and in the train.py processes the tests start: their programs are tiny and their time
-# goes to compiling and starting up, which one shared malloc arena slows (swin_ssl/host_memory.py: ~8 % more CPU
-# per train.py launch). tests/test_host_memory.py checks the setting itself.
-os.environ.setdefault("SWIN_SSL_HOST_MALLOC", "default")
 # The tests compile the same small programs again and again, here and in the train.py processes they start (which
 # inherit this environment): a compilation cache for the session compiles each program once. A cached executable
 # is the compiled one, so no number changes.

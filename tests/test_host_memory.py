@@ -1,5 +1,6 @@
 """XLA:CPU's scratch buffer stays mapped between calls (no page faults after the first call) once
-``host_memory.keep_freed_memory_mapped()`` ran; GPU/TPU processes and the opt-out are left alone."""
+``host_memory.keep_freed_memory_mapped()`` ran with ``SWIN_SSL_HOST_MALLOC=keep``; GPU/TPU processes and processes
+that did not ask are left alone."""
 import json
 import os
 import subprocess
@@ -13,9 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A program with a 64 MiB temporary (the [1024, 16384] product), above the size glibc serves with mmap by default.
 FAULTS_PER_CALL = r"""
-import json, resource, sys
+import json, resource
 from swin_ssl import host_memory
-applied = host_memory.keep_freed_memory_mapped() if sys.argv[1] == "keep" else False
+applied = host_memory.keep_freed_memory_mapped()
 import jax, jax.numpy as jnp
 x = jnp.ones((1024, 256)); w = jnp.ones((256, 16384)) / 256; v = jnp.ones((16384, 8))
 f = jax.jit(lambda x, w, v: (x @ w) @ v)
@@ -30,9 +31,11 @@ print(json.dumps({"applied": applied, "faults": faults}))
 
 
 def _faults(mode):
-    env = {k: v for k, v in os.environ.items() if k != host_memory.OPT_OUT_ENV}
+    env = {k: v for k, v in os.environ.items() if k != host_memory.OPT_IN_ENV}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    out = subprocess.run([sys.executable, "-c", FAULTS_PER_CALL, mode], cwd=ROOT, env=env, capture_output=True,
+    if mode == "keep":
+        env[host_memory.OPT_IN_ENV] = "keep"
+    out = subprocess.run([sys.executable, "-c", FAULTS_PER_CALL], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -54,7 +57,11 @@ def test_only_cpu_processes_are_changed(platforms, expected, monkeypatch):
     assert host_memory.jax_will_run_on_cpu() is expected
 
 
-def test_opt_out_changes_nothing(monkeypatch):
+@pytest.mark.parametrize("value", [None, "default", "1"])
+def test_off_unless_asked_for(value, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv(host_memory.OPT_OUT_ENV, "default")
+    if value is None:
+        monkeypatch.delenv(host_memory.OPT_IN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(host_memory.OPT_IN_ENV, value)
     assert host_memory.keep_freed_memory_mapped() is False
