@@ -12,19 +12,20 @@ Prints (one device, whatever JAX picks: CPU here, GPU/TPU when present):
 
 With a Python that has torch + timm (``--torch-python``, default /work/torchref/bin/python), step 1 alternates
 rounds with an EsViT-shaped PyTorch step around timm's Swin-T (``benchmarks/torch_reference.py``) and prints
-the same-run ratio of the medians (swin_tiny, float32 only) with the load average.
+the same-run ratio of the medians (swin_tiny; float32 on the CPU; on a CUDA GPU the PyTorch step runs there
+too, bf16 under ``torch.autocast``) with the load average. On an accelerator the XLA FLOP count of the compiled
+step gives the achieved FLOP/s and MFU (``device_figures.py``).
 
 Examples::
 
     python benchmarks/esvit_step.py                                  # Swin-T, 2x224 + 8x96, batch 2, fp32, CPU
-    python benchmarks/esvit_step.py --dtype bfloat16 --batch 32      # on a GPU
+    python benchmarks/esvit_step.py --dtype bfloat16 --batch 32 --skip_region --torch-python python3  # a GPU
     python benchmarks/esvit_step.py --skip_step --chunks 0 17 --region_batch 64   # region memory only
     python benchmarks/esvit_step.py --skip_step --skip_region --analyze_batch 32  # step memory, with/without remat
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import time
 
@@ -37,11 +38,10 @@ from swin_ssl.config_files import config_module  # noqa: E402
 
 esvit_swin_tiny = config_module("esvit_swin_tiny")
 from swin_ssl.objectives import dino  # noqa: E402
-from swin_ssl.train import optim as optim_lib  # noqa: E402
-from swin_ssl.train import step as step_lib  # noqa: E402
-from swin_ssl.train.state import create_train_state  # noqa: E402
+from swin_ssl.train.program import build_program  # noqa: E402
 from swin_ssl.train.validate import durations as durations_of  # noqa: E402
-from torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison, timed  # a sibling file: benchmarks run as scripts
+from device_figures import peak_memory_line, utilisation_line, xla_flops  # sibling files: benchmarks run as scripts
+from torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison, timed
 
 MiB = 2 ** 20
 
@@ -62,6 +62,7 @@ def build_config(args):
     c.dino.region_chunk_size = args.chunk
     if args.remat:
         c.model.remat = True
+    c.parallelism = "jit"
     return c
 
 
@@ -70,7 +71,7 @@ def fake_batch(c, batch):
     out = {f"global{i}": rng.normal(size=(batch, c.data.image_size, c.data.image_size, 3)) for i in range(2)}
     out.update({f"local{i}": rng.normal(size=(batch, c.data.local_size, c.data.local_size, 3))
                 for i in range(c.data.num_local_crops)})
-    return {k: jnp.asarray(v, jnp.float32) for k, v in out.items()}
+    return {k: v.astype(np.float32) for k, v in out.items()}
 
 
 def memory_line(compiled) -> str:
@@ -83,16 +84,13 @@ def memory_line(compiled) -> str:
 
 def bench_step(args):
     c = build_config(args)
-    d = durations_of(c)
-    objective = dino.make_objective(c, durations=d)
-    opt = optim_lib.make_optimizer(c.optim, total_steps=d.total_steps, warmup_steps=d.warmup_steps,
-                                   global_batch=c.batch_size, freeze_steps=d.freeze_steps)
-    state = jax.jit(functools.partial(create_train_state, objective, opt.tx))(jax.random.PRNGKey(0))
+    program = build_program(c, durations_of(c))
+    state = program.init(jax.random.PRNGKey(0))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    batch = fake_batch(c, args.batch)
-    step = jax.jit(functools.partial(step_lib.train_step, objective=objective, optimizer=opt), donate_argnums=(0,))
+    batch = program.parallel.put_batch(fake_batch(c, args.batch))
     t = time.time()
-    compiled = step.lower(state, batch).compile()
+    lowered = program.step.lower(state, batch)
+    compiled, flops = lowered.compile(), xla_flops(lowered)
     compile_s = time.time() - t
     print(f"\n[step] {args.model} {args.dtype}, batch {args.batch}, 2x{args.global_size} + {args.num_local}x"
           f"{args.local_size}, out_dim {args.out_dim}, region chunk {args.chunk}, {n_params / 1e6:.1f}M student "
@@ -100,11 +98,12 @@ def bench_step(args):
     print(f"  compile {compile_s:.1f}s; {memory_line(compiled)}")
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
-    compare = (args.torch_python and available(args.torch_python) and args.dtype == "float32"
-               and args.model == "swin_tiny")
+    torch_device = {"cpu": "cpu", "gpu": "cuda"}.get(jax.devices()[0].platform)
+    compare = (args.torch_python and available(args.torch_python) and torch_device and args.model == "swin_tiny"
+               and (args.dtype == "float32" or torch_device == "cuda"))
     reference = TorchReference(args.torch_python, "esvit", batch=args.batch, size=args.global_size,
-                               local_size=args.local_size, num_local=args.num_local,
-                               out_dim=args.out_dim) if compare else None
+                               local_size=args.local_size, num_local=args.num_local, out_dim=args.out_dim,
+                               device=torch_device, dtype=args.dtype) if compare else None
     load0 = os.getloadavg()
     box = {"state": state}
 
@@ -129,10 +128,10 @@ def bench_step(args):
         reference.close()
         print_comparison(f"swin_ssl (JAX {jax.__version__})", times, cpu,
                          f"PyTorch EsViT-shaped step (torch {reference.info['torch']}, timm {reference.info['timm']})",
-                         ref, args.batch, load0)
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        print(f"  device peak bytes in use {stats['peak_bytes_in_use'] / MiB:.1f} MiB")
+                         ref, args.batch, load0, ref_peak_gib=reference.info.get("peak_gib"))
+    print(f"  peak memory: {peak_memory_line()}")
+    if jax.devices()[0].platform != "cpu":
+        print(f"  {utilisation_line(flops, sec, args.dtype)}")
 
 
 def analyze_step(args, batch: int):
@@ -149,17 +148,13 @@ def analyze_step(args, batch: int):
 def analyze_one(args, batch: int) -> float | None:
     c = build_config(args)
     esvit_swin_tiny.set_batch_size(c, batch)
-    d = durations_of(c)
-    objective = dino.make_objective(c, durations=d)
-    opt = optim_lib.make_optimizer(c.optim, total_steps=d.total_steps, warmup_steps=d.warmup_steps,
-                                   global_batch=c.batch_size, freeze_steps=d.freeze_steps)
-    state = jax.eval_shape(functools.partial(create_train_state, objective, opt.tx), jax.random.PRNGKey(0))
+    program = build_program(c, durations_of(c))
+    state = jax.eval_shape(program.init, jax.random.PRNGKey(0))
     shapes = {f"global{i}": (batch, args.global_size, args.global_size, 3) for i in range(2)}
     shapes.update({f"local{i}": (batch, args.local_size, args.local_size, 3) for i in range(args.num_local)})
     batch_shapes = {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
-    step = jax.jit(functools.partial(step_lib.train_step, objective=objective, optimizer=opt), donate_argnums=(0,))
     t = time.time()
-    compiled = step.lower(state, batch_shapes).compile()
+    compiled = program.step.lower(state, batch_shapes).compile()
     print(f"\n[step, compiled only] {args.model} {args.dtype}, batch {batch}, region chunk {args.chunk}, "
           f"remat {args.remat}: {memory_line(compiled)} (compile {time.time() - t:.0f}s)")
     m = compiled.memory_analysis()

@@ -4,13 +4,15 @@ Default: the official-size setting the PyTorch baseline was measured in -- Swin-
 (4096 hidden, 256 out), queue 4096, AdamW + global-norm clip 5, fp32, batch 8 -- on whatever JAX sees::
 
     python benchmarks/moby_step.py                                   # CPU: + the PyTorch step, same run
-    python benchmarks/moby_step.py --dtype bfloat16 --batch 64       # on a GPU
+    python benchmarks/moby_step.py --dtype bfloat16 --batch 64 --torch-python python3   # on a GPU, vs PyTorch AMP
     python benchmarks/moby_step.py --preset demo --steps 20          # the CPU demo's step (swin_nano, 32 px)
 
 Images/s count images of the global batch (each image = two views) per optimizer step. With a Python that has
 torch + timm (``--torch-python``, ``$SWIN_SSL_TORCH_PYTHON``, default /work/torchref/bin/python), a MoBY-shaped
 PyTorch step around timm's Swin-T (``benchmarks/torch_reference.py``) runs in a subprocess and the two are timed
 in alternating rounds (``--rounds`` x ``--steps``); the ratio of the medians is printed with the load average.
+On a CUDA GPU the PyTorch step runs there too (bf16: under ``torch.autocast``). On an accelerator the XLA FLOP
+count of the compiled step gives the achieved FLOP/s and MFU (``device_figures.py``).
 Wall-clock figures on shared machines are noisy: the CPU time per step (process time, all threads) is printed
 too; compare ratios taken side by side, never single absolute numbers.
 """
@@ -18,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import time
 
 
-from torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison, timed  # a sibling file: benchmarks run as scripts
+from device_figures import peak_memory_line, utilisation_line, xla_flops  # sibling files: benchmarks run as scripts
+from torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison, timed
 
 
 def main() -> None:
@@ -48,7 +50,7 @@ def main() -> None:
 
     from swin_ssl.config_files import config_module
     moby_swin_tiny = config_module("moby_swin_tiny")
-    from swin_ssl.train import loop, validate
+    from swin_ssl.train import program as program_lib, validate
 
     c = moby_swin_tiny.get_config(args.preset)
     if args.preset.startswith("paper"):
@@ -65,7 +67,7 @@ def main() -> None:
     c.data.name = "synthetic"
     c.data.data_dir = ""
     durations = validate.validate(c, device_count=jax.device_count(), process_count=jax.process_count())
-    program = loop.build_program(c, durations)
+    program = program_lib.build_program(c, durations)
     par = program.parallel
 
     rng = np.random.default_rng(0)
@@ -77,18 +79,25 @@ def main() -> None:
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    state, metrics = program.step(state, par.put_batch(host_batch))  # compiles
+    step_fn, flops = program.step, float("nan")
+    if c.parallelism == "jit":  # compile once, explicitly, to read XLA's FLOP count of the step
+        lowered = program.step.lower(state, par.put_batch(host_batch))
+        step_fn, flops = lowered.compile(), xla_flops(lowered)
+    state, metrics = step_fn(state, par.put_batch(host_batch))
     jax.block_until_ready(metrics)
     first_s = time.perf_counter() - t0
 
-    compare = (args.torch_python and available(args.torch_python) and args.dtype == "float32"
-               and c.model.name == "swin_tiny")
-    reference = TorchReference(args.torch_python, "moby", batch=batch, size=size) if compare else None
+    dev = jax.devices()[0]
+    torch_device = {"cpu": "cpu", "gpu": "cuda"}.get(dev.platform)
+    compare = (args.torch_python and available(args.torch_python) and torch_device and c.model.name == "swin_tiny"
+               and (args.dtype == "float32" or torch_device == "cuda"))
+    reference = TorchReference(args.torch_python, "moby", batch=batch, size=size, device=torch_device,
+                               dtype=args.dtype) if compare else None
     load0 = os.getloadavg()
     box = {"state": state}
 
     def one_step():
-        box["state"], box["metrics"] = program.step(box["state"], par.put_batch(host_batch))
+        box["state"], box["metrics"] = step_fn(box["state"], par.put_batch(host_batch))
         jax.block_until_ready(box["metrics"])
 
     ours, ref = {"walls": [], "cpus": []}, {"walls": [], "cpus": []}
@@ -103,12 +112,7 @@ def main() -> None:
 
     wall = statistics.median(walls)
     ips = batch / wall
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() if dev.platform != "cpu" else None
-    if stats and "peak_bytes_in_use" in stats:
-        memory = f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB device peak ({dev.device_kind})"
-    else:
-        memory = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB host max RSS (process)"
+    memory = peak_memory_line()
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
 
     print(f"\nMoBY step: {c.model.name} @ {size}px, global batch {batch} (x2 views), {c.model.dtype}, "
@@ -117,13 +121,16 @@ def main() -> None:
     print(f"init {init_s:.1f}s, first step (compile + run) {first_s:.1f}s, loss {loss:.4f}, "
           f"median of {len(walls)} steps: {wall:.3f}s wall, {statistics.median(cpus):.3f}s CPU time")
     print(f"peak memory: {memory}")
+    if dev.platform != "cpu":
+        print(utilisation_line(flops, wall, args.dtype))
     if reference:
         reference.close()
         print_comparison(f"swin_ssl (JAX {jax.__version__}, {dev.platform})", walls, cpus,
                          f"PyTorch MoBY-shaped step (torch {reference.info['torch']}, timm {reference.info['timm']})",
-                         ref, batch, load0)
+                         ref, batch, load0, ref_peak_gib=reference.info.get("peak_gib"))
     else:
-        print(f"{ips:.2f} img/s; no same-run PyTorch comparison (needs swin_tiny, float32 and --torch-python)")
+        print(f"{ips:.2f} img/s; no same-run PyTorch comparison (needs swin_tiny, --torch-python, and float32 on "
+              f"the CPU or a CUDA GPU)")
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from torch_reference import DEFAULT_PYTHON, TorchReference, available, timed  # a sibling file: benchmarks run as scripts
+from device_figures import matmul_peak, xla_flops  # a sibling file
 
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_small": "swin_small_patch4_window7_224",
               "swin_base": "swin_base_patch4_window7_224", "deit_small": "deit_small_patch16_224",
@@ -42,29 +43,13 @@ def build_jax(model_name: str, batch: int, res: int, dtype: str):
         return jnp.mean(jax.nn.log_softmax(model.apply({"params": p}, x)[0])[:, 0])
 
     grad = jax.jit(jax.grad(loss))
-    cost = forward.lower(params, x).compile().cost_analysis()
-    flops = (cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", float("nan"))
+    flops = xla_flops(forward.lower(params, x))
     fns = (lambda: forward(params, x).block_until_ready(), lambda: jax.block_until_ready(grad(params, x)))
     for fn in fns:
         fn()
     info = {"params": sum(p.size for p in jax.tree.leaves(params)), "gflops_per_img": flops / batch / 1e9,
             "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
     return fns, info
-
-
-PEAK_SIZE, PEAK_CALLS = 2048, 5  # the matmul that measures the machine's peak: n x n x n, best of this many calls
-
-
-def matmul_peak(dtype: str) -> float:
-    """The machine's sustained matmul rate (GFLOP/s): the best of ``PEAK_CALLS`` ``PEAK_SIZE``^3 products."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (PEAK_SIZE, PEAK_SIZE), getattr(jnp, dtype))
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, a).block_until_ready()
-    best = min(timed(lambda: matmul(a, a).block_until_ready(), PEAK_CALLS)["walls"])
-    return 2 * PEAK_SIZE ** 3 / best / 1e9
 
 
 def main() -> None:
@@ -105,7 +90,7 @@ def main() -> None:
                     theirs[what][k] += v
     for r in refs.values():
         r.close()
-    peak = matmul_peak(args.dtype)
+    peak = matmul_peak(args.dtype, size=2048) / 1e9
     med = lambda d, w, k="walls": statistics.median(d[w][k])  # noqa: E731
     print(f"\n{args.model} @ {args.res}px, batch {args.batch}, {args.dtype}, device: {info['device']}, "
           f"{len(os.sched_getaffinity(0))} CPU(s); "
@@ -116,7 +101,7 @@ def main() -> None:
     print(f"| swin_ssl (JAX {info['jax']}) | {info['params'] / 1e6:.2f}M | {info['gflops_per_img']:.2f} | "
           f"{args.batch / med(ours, 'fwd'):.2f} | {args.batch / med(ours, 'fwdbwd'):.2f} |")
     flops = info["gflops_per_img"] * args.batch
-    print(f"matmul peak ({args.dtype}, {PEAK_SIZE}^3, best of {PEAK_CALLS}): {peak:.0f} GFLOP/s; achieved (XLA's "
+    print(f"matmul peak ({args.dtype}, 2048^3, best of 5): {peak:.0f} GFLOP/s; achieved (XLA's "
           f"forward count, fwd+bwd as 3x): forward {flops / med(ours, 'fwd') / peak:.0%}, "
           f"fwd+bwd {3 * flops / med(ours, 'fwdbwd') / peak:.0%} of it")
     if refs:

@@ -4,7 +4,9 @@ run in a subprocess of a Python that has torch + timm, and timed in rounds that 
 Used by ``throughput.py`` (timm's backbone alone), ``moby_step.py`` and ``esvit_step.py``. Run directly, it is the subprocess: it builds the step, answers
 each ``run N`` line on stdin with the wall and CPU seconds of N steps as one JSON line, and exits at EOF.
 
-The steps (same work as ours, fp32, all cores):
+The steps (same work as ours; fp32 on all cores, or on a CUDA GPU with ``device="cuda"``, where
+``dtype="bfloat16"`` runs the forward passes and losses under ``torch.autocast`` as the official code's mixed
+precision does, fp32 parameters and optimizer):
   * ``moby``: online Swin-T (drop path 0.2) -> projector (768 -> 4096 -> BN -> ReLU -> 256) -> predictor
     (256 -> 4096 -> BN -> ReLU -> 256); target Swin-T + projector (no grad) whose parameters are EMA'd first;
     one call per view; contrastive loss of each view's prediction against the other view's key and a 4096-key
@@ -83,7 +85,7 @@ def available(python: str) -> bool:
 
 
 def print_comparison(ours_name: str, walls: list[float], cpus: list[float], ref_name: str, ref: dict,
-                     images_per_step: int, load_before: tuple) -> None:
+                     images_per_step: int, load_before: tuple, ref_peak_gib: float | None = None) -> None:
     """A two-row table of median images/s (wall) and the same-run ratios, wall and CPU time."""
     import statistics
     ours_wall, ref_wall = statistics.median(walls), statistics.median(ref["walls"])
@@ -94,6 +96,8 @@ def print_comparison(ours_name: str, walls: list[float], cpus: list[float], ref_
     print(f"| {ours_name} | {images_per_step / ours_wall:.3f} | {ours_cpu:.2f} |")
     print(f"| {ref_name} | {images_per_step / ref_wall:.3f} | {ref_cpu:.2f} |")
     print(f"| ratio ours / PyTorch | {ref_wall / ours_wall:.2f}x | {ref_cpu / ours_cpu:.2f}x |")
+    if ref_peak_gib is not None:
+        print(f"PyTorch peak device memory (torch.cuda.max_memory_allocated): {ref_peak_gib:.2f} GiB")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,8 +113,11 @@ def _mlp(torch, dims: list[int], bn: bool):
 
 
 def _swin(timm, drop_path: float):
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0,
-                             drop_path_rate=drop_path, dynamic_img_size=True)
+    kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path, dynamic_img_size=True)
+    try:  # timm < 1.0.31 also needs strict_img_size=False for inputs of other sizes
+        return timm.create_model("swin_tiny_patch4_window7_224", strict_img_size=False, **kwargs)
+    except TypeError:
+        return timm.create_model("swin_tiny_patch4_window7_224", **kwargs)
 
 
 def _ema(torch, target, online, m: float) -> None:
@@ -120,7 +127,7 @@ def _ema(torch, target, online, m: float) -> None:
         torch._foreach_add_(t, o, alpha=1 - m)
 
 
-def moby_step_fn(torch, timm, batch: int, size: int, queue: int = 4096, dim: int = 256):
+def moby_step_fn(torch, timm, amp, batch: int, size: int, queue: int = 4096, dim: int = 256):
     import copy
     F = torch.nn.functional
     encoder = _swin(timm, 0.2)
@@ -143,10 +150,11 @@ def moby_step_fn(torch, timm, batch: int, size: int, queue: int = 4096, dim: int
 
     def step():
         _ema(torch, target, torch.nn.Sequential(encoder, projector), 0.99)
-        qs = [F.normalize(predictor(projector(encoder(v))), dim=1) for v in views]
-        with torch.no_grad():
-            ks = [F.normalize(target(v), dim=1) for v in views]
-        loss = contrastive(qs[0], ks[1], queues[1]) + contrastive(qs[1], ks[0], queues[0])
+        with amp():
+            qs = [F.normalize(predictor(projector(encoder(v))), dim=1) for v in views]
+            with torch.no_grad():
+                ks = [F.normalize(target(v), dim=1) for v in views]
+            loss = contrastive(qs[0], ks[1], queues[1]) + contrastive(qs[1], ks[0], queues[0])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(online.parameters(), 5.0)
@@ -172,7 +180,7 @@ class _DinoHead:
         return self.last(self.torch.nn.functional.normalize(self.mlp(x), dim=-1))
 
 
-def esvit_step_fn(torch, timm, batch: int, size: int, local_size: int, num_local: int, out_dim: int):
+def esvit_step_fn(torch, timm, amp, batch: int, size: int, local_size: int, num_local: int, out_dim: int):
     import copy
     F = torch.nn.functional
     student = _swin(timm, 0.1)
@@ -197,6 +205,16 @@ def esvit_step_fn(torch, timm, batch: int, size: int, local_size: int, num_local
         for h, th in zip(heads, teacher_heads):
             _ema(torch, th, h.modules, 0.996)
         _ema(torch, teacher, student, 0.996)
+        with amp():
+            loss, t_pool = esvit_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        opt.step()
+        with torch.no_grad(), amp():
+            centers[0].mul_(0.9).add_(head(teacher_heads[0], t_pool).mean(0, keepdim=True), alpha=0.1)
+
+    def esvit_loss():
         with torch.no_grad():
             t_pool, t_tok = tokens_of(teacher, globals_)
             t_view = F.softmax((head(teacher_heads[0], t_pool) - centers[0]) / 0.04, -1).chunk(2)
@@ -218,29 +236,25 @@ def esvit_step_fn(torch, timm, batch: int, size: int, local_size: int, num_local
                 s_reg = F.log_softmax(heads[1](s_tok[iv]) / 0.1, -1)
                 reg_loss = reg_loss + torch.sum(-target * s_reg, -1).mean()
                 pairs += 1
-        loss = (view_loss + reg_loss) / pairs
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 3.0)
-        opt.step()
-        with torch.no_grad():
-            centers[0].mul_(0.9).add_(head(teacher_heads[0], t_pool).mean(0, keepdim=True), alpha=0.1)
+        return (view_loss + reg_loss) / pairs, t_pool
 
     return step
 
 
-def backbone_fn(torch, timm, name: str, batch: int, res: int, backward: bool):
+def backbone_fn(torch, timm, amp, name: str, batch: int, res: int, backward: bool):
     """timm's model in eval mode: the forward under no_grad, or forward + backward of a log-softmax loss."""
     m = timm.create_model(name, pretrained=False, num_classes=1000, img_size=res).eval()
     x = torch.randn(batch, 3, res, res)
 
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             m(x)
 
     def forward_backward():
         m.zero_grad(set_to_none=True)
-        torch.log_softmax(m(x), -1)[:, 0].mean().backward()
+        with amp():
+            loss = torch.log_softmax(m(x).float(), -1)[:, 0].mean()
+        loss.backward()
 
     return forward_backward if backward else forward
 
@@ -251,13 +265,29 @@ STEPS = {"moby": moby_step_fn, "esvit": esvit_step_fn, "backbone": backbone_fn}
 def _serve(kind: str, setup: dict) -> None:
     import warnings
     warnings.filterwarnings("ignore")
+    import functools
+
     import timm
     import torch
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    device, dtype = setup.pop("device", "cpu"), setup.pop("dtype", "float32")
+    if device == "cpu":
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    else:
+        torch.set_default_device(device)  # modules and tensors are created there
     torch.manual_seed(0)
-    step = STEPS[kind](torch, timm, **setup)
+    amp = functools.partial(torch.autocast, device_type=device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    raw = STEPS[kind](torch, timm, amp, **setup)
+
+    def step():
+        raw()
+        if device != "cpu":
+            torch.cuda.synchronize()  # the timer counts the finished step, as ours blocks on its result
+
     step()  # warm-up
-    serve_steps(step, {"torch": torch.__version__, "timm": timm.__version__})
+    info = {"torch": torch.__version__, "timm": timm.__version__}
+    if device != "cpu":
+        info["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    serve_steps(step, info)
 
 
 if __name__ == "__main__":

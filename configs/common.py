@@ -45,7 +45,7 @@ FASHION_MNIST_TRAIN_EXAMPLES = 60_000
 
 
 def data_config(name: str, image_size: int, num_train_examples: int, data_dir: str = "") -> ml_collections.ConfigDict:
-    """The ``config.data`` block: every field of ``swin_ssl.data.pipeline.default_config("moby")`` (augmentation,
+    """The ``config.data`` block: every field of ``swin_ssl.data.defaults.default_config("moby")`` (augmentation,
     splits, interpolation, ...) except ``source``, plus
 
     name                "synthetic" | "fashion_mnist" | "image_folder" (``data_dir/<split>/<class>/<image>``) |
@@ -54,7 +54,7 @@ def data_config(name: str, image_size: int, num_train_examples: int, data_dir: s
 
     ``swin_ssl/train/data.py`` maps ``name`` to the pipeline's ``source`` ("image_folder" -> "folder").
     """
-    from swin_ssl.data.pipeline import default_config
+    from swin_ssl.data.defaults import default_config
 
     fields = default_config("moby", image_size=image_size).to_dict()
     del fields["source"]

@@ -51,7 +51,7 @@ def multicrop_data(name: str, image_size: int, num_train_examples: int, *, num_l
     """``config.data`` with the pipeline's "multicrop" recipe (DINO's ``DataAugmentationDINO``): 2 globals at
     ``image_size`` (scale 0.4-1), ``num_local`` locals at ``local_size`` (0.05-0.4), bicubic, blur 1.0 / 0.1 /
     0.5 (locals), solarize 0.2 on the second global; evaluation resizes bicubically."""
-    from swin_ssl.data.pipeline import default_config
+    from swin_ssl.data.defaults import default_config
 
     data = common.data_config(name, image_size, num_train_examples, data_dir=data_dir)
     recipe = default_config("multicrop", image_size=image_size, num_local_crops=num_local, local_size=local_size)

@@ -7,7 +7,7 @@ import importlib
 
 _EXPORTS = {
     "ViewSpec": "augment", "eval_view": "augment", "make_views": "augment",
-    "EvalIterable": "pipeline", "TrainIterator": "pipeline", "default_config": "pipeline",
+    "EvalIterable": "pipeline", "TrainIterator": "pipeline", "default_config": "defaults",
     "global_batches": "pipeline", "make_eval_iterator": "pipeline", "make_train_iterator": "pipeline",
     "to_global_arrays": "pipeline", "view_specs": "pipeline",
 }

@@ -48,8 +48,9 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from swin_ssl.data.defaults import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from swin_ssl.normalization import IMAGENET_MEAN, IMAGENET_STD
+
 _GREY_WEIGHTS = (0.299, 0.587, 0.114)
 _METHODS = {
     "bilinear": tf.image.ResizeMethod.BILINEAR,
@@ -444,10 +445,6 @@ def photometric(image: tf.Tensor, params: dict[str, tf.Tensor], spec: ViewSpec,
 
 
 # ------------------------------------------------------------------------------------------------ decoding
-# PIL's `Image.MAX_IMAGE_PIXELS`: the size above which PIL treats a file as a decompression bomb.
-MAX_IMAGE_PIXELS = 89_478_485
-# A photo of MAX_IMAGE_PIXELS is ~30 MB as a JPEG; larger files are refused before they are read or decoded.
-MAX_IMAGE_BYTES = 64 * 2**20
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WebP")
 
 

@@ -89,6 +89,7 @@ import tensorflow as tf
 
 from swin_ssl.data import augment as aug
 from swin_ssl.data import sources
+from swin_ssl.data.defaults import RECIPES, default_config  # noqa: F401  (the pipeline's config, re-exported)
 
 try:  # TensorFlow must never take an accelerator from JAX (tensorflow-cpu has none; be safe anyway).
     tf.config.set_visible_devices([], "GPU")
@@ -102,43 +103,6 @@ _RESERVE = 2        # stand-ins kept (in memory, still encoded)
 _MIN_SEEN = 1000    # examples read before data.max_skip_fraction is enforced (or the whole shard if smaller)
 _RETRY_WAIT_S = 1.0  # first wait before re-reading after a read error; doubles each retry
 _MAX_NAMES = 1000
-RECIPES = ("moby", "multicrop", "linear")
-
-
-def default_config(augment: str = "moby", **overrides: Any) -> ml_collections.ConfigDict:
-    """The data config section with every field set to the recipe's reference values (then `overrides`)."""
-    if augment not in RECIPES:
-        raise ValueError(f"augment must be one of {RECIPES}, got {augment!r}")
-    multicrop = augment == "multicrop"
-    cfg = ml_collections.ConfigDict(dict(
-        source="fashion_mnist", data_dir=None, manual_dir=None, train_split="train", eval_split="validation",
-        image_key="image", label_key="label",
-        augment=augment,
-        image_size=224,
-        crop_scale=(0.4, 1.0) if multicrop else (0.08, 1.0),
-        crop_ratio=(3 / 4, 4 / 3),
-        interpolation="bicubic" if multicrop else "bilinear", antialias=True,
-        num_local_crops=8, local_size=96, local_scale=(0.05, 0.4),
-        flip_prob=0.5,
-        color_jitter=(0.4, 0.4, 0.2, 0.1), color_jitter_prob=0.8,
-        grayscale_prob=0.2,
-        blur_sigma=(0.1, 2.0), blur_prob=(1.0, 0.1),
-        solarize_prob=(0.0, 0.2), solarize_threshold=128.0,
-        local_blur_prob=0.5, local_solarize_prob=0.0,
-        mean=aug.IMAGENET_MEAN, std=aug.IMAGENET_STD,
-        eval_crop_pct=0.875,
-        eval_interpolation="bicubic" if multicrop else "bilinear",
-        shuffle_buffer=50_000, num_parallel_calls=-1, threads=0, prefetch=2,
-        max_image_pixels=aug.MAX_IMAGE_PIXELS, max_image_bytes=aug.MAX_IMAGE_BYTES, max_skip_fraction=0.01,
-        read_retries=3,
-    ))
-    for key, value in overrides.items():
-        if key not in cfg:
-            raise KeyError(f"unknown data config field {key!r}")
-        setattr(cfg, key, value)
-    return cfg
-
-
 def _get(config: Any, key: str):
     """Reads a field, falling back to the recipe default so partial configs work too."""
     if key in config:

@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from swin_ssl import hosts, storage
 from swin_ssl.data import fashion_mnist
-from swin_ssl.data.augment import MAX_IMAGE_BYTES
+from swin_ssl.data.defaults import MAX_IMAGE_BYTES
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".gif")

@@ -22,13 +22,13 @@ import numpy as np
 from swin_ssl import config_rules as rules
 
 SOURCE_NAMES = {"image_folder": "folder"}  # config.data.name -> swin_ssl.data pipeline ``source``
-# ``config.data`` keys beyond the pipeline's own fields (``swin_ssl.data.pipeline.default_config``).
+# ``config.data`` keys beyond the pipeline's own fields (``swin_ssl.data.defaults.default_config``).
 EXTRA_KEYS = ("name", "data_dir", "manual_dir", "num_train_examples")
 
 
 def known_keys() -> set[str]:
     """The keys ``config.data`` may have: the pipeline's fields (both augmentations) and ``EXTRA_KEYS``."""
-    from swin_ssl.data.pipeline import default_config
+    from swin_ssl.data.defaults import default_config
 
     keys = set(EXTRA_KEYS)
     for augment in ("moby", "multicrop"):

@@ -6,9 +6,7 @@ build the objective, optimizer and the compiled init/step -> restore the latest 
 ``workdir`` if any (``swin_ssl/checkpoint.py``) -> loop: step, progress, periodic metrics (TensorBoard +
 console), checkpoints, optional evaluation hook -> final checkpoint. ``workdir`` may be a ``gs://`` URL.
 
-Plugging in another objective: ``config.objective`` names a module in ``swin_ssl/objectives``
-(``validate.OBJECTIVE_MODULES``) that provides ``make_objective(config, *, durations, axis_name=None) ->
-Objective`` (see ``swin_ssl/train/state.py``); nothing else in the trainer changes.
+Plugging in another objective: see ``swin_ssl/train/program.py`` (what gets compiled for a config).
 
 In-training evaluation: with ``config.evals.every_steps > 0`` and ``config.evals.fn = "package.module:function"``
 the loop calls ``function(config=config, params={"online": ..., "target": ..., "default": ...}, step=step,
@@ -17,8 +15,6 @@ mapping of scalars, written under ``eval/<name>``. ``params`` are the (replicate
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 import importlib
 import itertools
 import json
@@ -38,44 +34,16 @@ from swin_ssl import checkpoint as ckpt_lib
 from swin_ssl import hosts, storage
 from swin_ssl import metrics as metrics_lib
 from swin_ssl.train import data as data_lib
-from swin_ssl.train import optim as optim_lib
 from swin_ssl.train import parallel as parallel_lib
-from swin_ssl.train import step as step_lib
 from swin_ssl.train import workdir as workdir_lib
-from swin_ssl.train.state import Objective, TrainState, create_train_state
-from swin_ssl.train.validate import OBJECTIVE_MODULES, Durations, validate
+from swin_ssl.train.program import build_program
+from swin_ssl.train.state import Objective, TrainState
+from swin_ssl.train.validate import Durations, validate
 
 # Exit statuses of train.py (a restart loop reruns on the first two; see the README).
 EXIT_PREEMPTED = 143      # stopped by SIGTERM / the preemption service after saving: rerun to resume
 EXIT_RETRY_LATER = 75     # storage could not be read now; nothing was changed: rerun later
 EXIT_REFUSED = 2          # the run cannot start as asked (lock, changed config, lost checkpoints): see the message
-
-
-def make_objective(config: ml_collections.ConfigDict, durations: Durations, axis_name: str | None) -> Objective:
-    module = importlib.import_module(f"swin_ssl.objectives.{OBJECTIVE_MODULES[config.objective]}")
-    return module.make_objective(config, durations=durations, axis_name=axis_name)
-
-
-@dataclasses.dataclass
-class Program:
-    """Everything compiled for one config on one set of devices."""
-    parallel: parallel_lib.Parallel
-    objective: Objective
-    optimizer: optim_lib.Optimizer
-    init: Callable[[jax.Array], TrainState]   # jitted, output replicated on the mesh
-    step: Callable                             # jitted/pmapped (state, batch) -> (state, metrics), donates state
-
-
-def build_program(config: ml_collections.ConfigDict, durations: Durations) -> Program:
-    par = parallel_lib.make_parallel(config.parallelism)
-    objective = make_objective(config, durations, par.axis_name)
-    optimizer = optim_lib.make_optimizer(config.optim, total_steps=durations.total_steps,
-                                         warmup_steps=durations.warmup_steps, global_batch=int(config.batch_size),
-                                         freeze_steps=durations.freeze_steps)
-    train_step = functools.partial(step_lib.train_step, objective=objective, optimizer=optimizer,
-                                   axis_name=par.axis_name)
-    init = jax.jit(functools.partial(create_train_state, objective, optimizer.tx), out_shardings=par.replicated)
-    return Program(par, objective, optimizer, init, par.compile_step(train_step))
 
 
 def _resolve(spec: str) -> Callable:
