@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 FMNIST_CACHE ?= $(HOME)/.cache/swin_ssl/fashion-mnist
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# pip installs without byte-compiling (some 17,000 .py files, most never imported: half the install's time);
+# the first import of a module writes its .pyc instead, so that must stay allowed.
+unexport PYTHONDONTWRITEBYTECODE
 OBJECTIVE ?= moby
 DEMO_DIR ?= runs/demo_$(OBJECTIVE)
 
@@ -15,7 +18,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-compile -e ".[test]"
 	touch $@
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist: installed system-wide as root, else unpacked
