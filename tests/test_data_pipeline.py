@@ -185,6 +185,7 @@ def broken_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_broken_files_are_skipped_counted_and_named(broken_folder, caplog):
     caplog.set_level(logging.WARNING, logger="swin_ssl.data.pipeline")
     bad = {os.path.join(broken_folder, "train", "x", f) for f in ("e_truncated.JPEG", "f_garbage.JPEG")}

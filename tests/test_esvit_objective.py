@@ -163,6 +163,7 @@ def test_esvit_loss_and_centers_match_the_reference():
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["head_dense"]))  # trained by the region term
 
 
+@pytest.mark.slow
 def test_dino_loss_is_the_view_term_only():
     config = tiny_config(dino_vit_small)
     objective = dino.make_objective(config, durations=durations())

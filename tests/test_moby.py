@@ -125,6 +125,7 @@ def test_ema_before_step_uses_pre_step_online_weights_and_skips_predictor():
     np.testing.assert_allclose(float(objective.schedules(jnp.asarray(step))["momentum"]), m, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_objective_loss_equals_two_separate_per_view_passes():
     """The vmapped forward must equal the official two calls per branch (BN statistics per view)."""
     config, objective = _smoke_objective(**{"model.drop_path_rate": 0.0})

@@ -196,7 +196,8 @@ def to_numpy(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
 
-@pytest.mark.parametrize("size", [(32, 32), (20, 28)])  # 20x28: padding path (image, windows, odd merge), rectangular
+# 20x28: padding path (image, windows, odd merge), rectangular; 32x32 (over 5 s) only in the full suite
+@pytest.mark.parametrize("size", [pytest.param((32, 32), marks=pytest.mark.slow), (20, 28)])
 def test_swin_matches_numpy_reimplementation(size):
     model = create_model("swin_test", num_classes=5, depths=(2, 2), num_heads=(2, 2))
     rng = np.random.default_rng(0)

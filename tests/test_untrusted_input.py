@@ -156,6 +156,7 @@ def _stack(batches):
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
+@pytest.mark.slow
 def test_a_resumed_stream_equals_the_straight_one_with_a_corrupt_file(hostile):
     root, _ = hostile
     make = lambda step: data.make_train_iterator(  # noqa: E731
