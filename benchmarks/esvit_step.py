@@ -13,8 +13,8 @@ Prints (one device, whatever JAX picks: CPU here, GPU/TPU when present):
 With a Python that has torch + timm (``--torch-python``, default /work/torchref/bin/python), step 1 alternates
 rounds with an EsViT-shaped PyTorch step around timm's Swin-T (``benchmarks/torch_reference.py``) and prints
 the same-run ratio of the medians (swin_tiny; float32 on the CPU; on a CUDA GPU the PyTorch step runs there
-too, bf16 under ``torch.autocast``) with the load average. On an accelerator the XLA FLOP count of the compiled
-step gives the achieved FLOP/s and MFU (``device_figures.py``).
+too, bf16 under ``torch.autocast``) with the load average. On an accelerator XLA's FLOP count of the step
+(``step_flops.py``) gives the achieved FLOP/s and MFU (``device_figures.py``).
 
 Examples::
 

@@ -11,8 +11,8 @@ Images/s count images of the global batch (each image = two views) per optimizer
 torch + timm (``--torch-python``, ``$SWIN_SSL_TORCH_PYTHON``, default /work/torchref/bin/python), a MoBY-shaped
 PyTorch step around timm's Swin-T (``benchmarks/torch_reference.py``) runs in a subprocess and the two are timed
 in alternating rounds (``--rounds`` x ``--steps``); the ratio of the medians is printed with the load average.
-On a CUDA GPU the PyTorch step runs there too (bf16: under ``torch.autocast``). On an accelerator the XLA FLOP
-count of the compiled step gives the achieved FLOP/s and MFU (``device_figures.py``).
+On a CUDA GPU the PyTorch step runs there too (bf16: under ``torch.autocast``). On an accelerator XLA's FLOP count
+of the step (``step_flops.py``) gives the achieved FLOP/s and MFU (``device_figures.py``).
 Wall-clock figures on shared machines are noisy: the CPU time per step (process time, all threads) is printed
 too; compare ratios taken side by side, never single absolute numbers.
 """

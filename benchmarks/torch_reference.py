@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -81,7 +82,8 @@ class TorchReference(LiveWorker):
 
 
 def available(python: str) -> bool:
-    return os.path.exists(python)
+    """A path to an interpreter, or a name on PATH (``python3``)."""
+    return bool(python) and (os.path.exists(python) or shutil.which(python) is not None)
 
 
 def print_comparison(ours_name: str, walls: list[float], cpus: list[float], ref_name: str, ref: dict,
