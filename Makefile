@@ -5,8 +5,7 @@ PY := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 FMNIST_CACHE ?= $(HOME)/.cache/swin_ssl/fashion-mnist
 export TF_CPP_MIN_LOG_LEVEL ?= 2
-# pip installs without byte-compiling (some 17,000 .py files, most never imported: half the install's time);
-# the first import of a module writes its .pyc instead, so that must stay allowed.
+# Installs skip byte-compiling 17,000 files, most never imported (half the install); first imports write .pyc.
 unexport PYTHONDONTWRITEBYTECODE
 OBJECTIVE ?= moby
 DEMO_DIR ?= runs/demo_$(OBJECTIVE)

@@ -21,21 +21,25 @@ DATASHEET_BF16_PEAK = {
 
 
 def xla_flops(lowered) -> float:
-    """FLOPs of one call of a program by XLA's cost analysis of the lowered (not yet optimised) HLO, a
-    multiply-add counting 2. The same on every backend: a GPU-compiled program's own count misses the matrix
-    products XLA hands to cuBLAS (custom calls): a seventh of the count for the MoBY step."""
+    """FLOPs of one call of a program (all devices together) by XLA's cost analysis of the lowered, not yet
+    optimised HLO, a multiply-add counting 2. Not the compiled program's count: on a GPU that leaves out the matrix
+    products handed to cuBLAS (custom calls) and gave about a seventh of this for the MoBY step."""
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get("flops", float("nan")))
 
 
-def matmul_peak(dtype: str, size: int | None = None, calls: int = 5) -> float:
-    """The device's sustained matmul rate in FLOP/s: the best of ``calls`` size^3 products (8192 on an
-    accelerator, 2048 on the CPU), timed after one warm-up call."""
+PEAK_SIZE = {"cpu": 2048, "accelerator": 8192}  # n of the n x n x n product that measures the matmul rate
+PEAK_CALLS = 5
+
+
+def matmul_peak(dtype: str, size: int | None = None, calls: int = PEAK_CALLS) -> float:
+    """One device's sustained matmul rate in FLOP/s: the best of ``calls`` size^3 products (``PEAK_SIZE``),
+    timed after one warm-up call."""
     import jax
     import jax.numpy as jnp
 
-    size = size or (2048 if jax.devices()[0].platform == "cpu" else 8192)
+    size = size or PEAK_SIZE["cpu" if jax.devices()[0].platform == "cpu" else "accelerator"]
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), getattr(jnp, dtype))
     matmul = jax.jit(jnp.matmul)
     matmul(a, a).block_until_ready()
@@ -48,19 +52,22 @@ def matmul_peak(dtype: str, size: int | None = None, calls: int = 5) -> float:
 
 
 def utilisation_line(flops_per_step: float, seconds_per_step: float, dtype: str) -> str:
-    """Achieved FLOP/s and MFU against the measured matmul rate (and the datasheet's bf16 peak where known)."""
+    """Achieved FLOP/s per device and MFU against one device's measured matmul rate (and the datasheet's bf16
+    peak where known); ``flops_per_step`` counts all devices (``xla_flops``)."""
     import jax
 
     if not math.isfinite(flops_per_step):  # jax 0.11.2 on a GPU: the lowered step's analysis had no "flops"
-        return ("XLA gave no FLOP count for this step here; for MFU, count it on any backend with "
+        return ("XLA gave no FLOP count for this step here; for MFU, count it on the CPU with "
                 "benchmarks/step_flops.py (--seconds, --peak)")
-    achieved = flops_per_step / seconds_per_step
+    devices = jax.device_count()
+    achieved = flops_per_step / seconds_per_step / devices
     measured = matmul_peak(dtype)
-    line = (f"XLA count {flops_per_step / 1e12:.3f} TFLOP/step -> {achieved / 1e12:.1f} TFLOP/s; MFU "
-            f"{achieved / measured:.1%} of the measured {dtype} matmul rate ({measured / 1e12:.1f} TFLOP/s)")
-    kind = jax.devices()[0].device_kind
-    if dtype == "bfloat16" and kind in DATASHEET_BF16_PEAK:
-        line += f", {achieved / DATASHEET_BF16_PEAK[kind]:.1%} of the datasheet's {DATASHEET_BF16_PEAK[kind] / 1e12:.0f} TFLOP/s"
+    line = (f"XLA count {flops_per_step / 1e12:.3f} TFLOP/step -> {achieved / 1e12:.1f} TFLOP/s per device "
+            f"({devices}); MFU {achieved / measured:.1%} of the measured {dtype} matmul rate "
+            f"({measured / 1e12:.1f} TFLOP/s)")
+    peak = DATASHEET_BF16_PEAK.get(jax.devices()[0].device_kind) if dtype == "bfloat16" else None
+    if peak:
+        line += f", {achieved / peak:.1%} of the datasheet's {peak / 1e12:.0f} TFLOP/s"
     return line
 
 

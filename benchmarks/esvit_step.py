@@ -1,6 +1,6 @@
 r"""EsViT train-step throughput and memory, and the memory of the region head with and without chunking.
 
-Prints (one device, whatever JAX picks: CPU here, GPU/TPU when present):
+Prints (on the devices JAX sees, the batch split over them: one CPU device here, or the GPUs/TPUs of a host):
   1. the full EsViT train step (student on 2 global + N local crops, teacher on the globals, view + region heads
      at ``--out_dim``, AdamW with per-parameter clipping, teacher EMA): compile time, step time, images/s
      (source images, each giving 2 + N crops), and the compiled program's memory (``memory_analysis()``:
@@ -41,7 +41,8 @@ from swin_ssl.objectives import dino  # noqa: E402
 from swin_ssl.train.program import build_program  # noqa: E402
 from swin_ssl.train.validate import durations as durations_of  # noqa: E402
 from device_figures import peak_memory_line, utilisation_line, xla_flops  # sibling files: benchmarks run as scripts
-from torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison, timed
+from torch_reference import (DEFAULT_PYTHON, TorchReference, available, print_comparison, reference_device,
+                             timed)
 
 MiB = 2 ** 20
 
@@ -98,9 +99,8 @@ def bench_step(args):
     print(f"  compile {compile_s:.1f}s; {memory_line(compiled)}")
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
-    torch_device = {"cpu": "cpu", "gpu": "cuda"}.get(jax.devices()[0].platform)
-    compare = (args.torch_python and available(args.torch_python) and torch_device and args.model == "swin_tiny"
-               and (args.dtype == "float32" or torch_device == "cuda"))
+    torch_device = reference_device(jax.devices()[0].platform, args.dtype, args.model)
+    compare = torch_device and available(args.torch_python)
     reference = TorchReference(args.torch_python, "esvit", batch=args.batch, size=args.global_size,
                                local_size=args.local_size, num_local=args.num_local, out_dim=args.out_dim,
                                device=torch_device, dtype=args.dtype) if compare else None
@@ -222,6 +222,9 @@ def main():
     p.add_argument("--skip_region", action="store_true")
     args = p.parse_args()
     host_memory.keep_freed_memory_mapped()  # as train.py does, before JAX starts its backend
+    for name in ("batch", "analyze_batch"):
+        if getattr(args, name) % jax.device_count():
+            p.error(f"--{name}={getattr(args, name)} must divide over the {jax.device_count()} devices JAX sees")
     if not args.skip_step:
         bench_step(args)
     if args.analyze_batch:

@@ -25,7 +25,8 @@ import time
 
 
 from device_figures import peak_memory_line, utilisation_line, xla_flops  # sibling files: benchmarks run as scripts
-from torch_reference import DEFAULT_PYTHON, TorchReference, available, print_comparison, timed
+from torch_reference import (DEFAULT_PYTHON, TorchReference, available, print_comparison, reference_device,
+                             timed)
 
 
 def main() -> None:
@@ -88,9 +89,8 @@ def main() -> None:
     first_s = time.perf_counter() - t0
 
     dev = jax.devices()[0]
-    torch_device = {"cpu": "cpu", "gpu": "cuda"}.get(dev.platform)
-    compare = (args.torch_python and available(args.torch_python) and torch_device and c.model.name == "swin_tiny"
-               and (args.dtype == "float32" or torch_device == "cuda"))
+    torch_device = reference_device(dev.platform, args.dtype, c.model.name)
+    compare = torch_device and available(args.torch_python)
     reference = TorchReference(args.torch_python, "moby", batch=batch, size=size, device=torch_device,
                                dtype=args.dtype) if compare else None
     load0 = os.getloadavg()

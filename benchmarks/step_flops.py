@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from device_figures import xla_flops  # noqa: E402  (a sibling file: benchmarks run as scripts)
+from device_figures import xla_flops  # a sibling file: benchmarks run as scripts
 
 
 def main() -> None:
@@ -24,7 +22,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None, help="a measured step time")
     parser.add_argument("--peak", type=float, default=None, help="the device's peak FLOP/s, for MFU")
     args = parser.parse_args()
-
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # some accelerator backends give no count (jax 0.11.2 on GPUs)
     import jax
 
     from swin_ssl.config_files import load_config

@@ -20,7 +20,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from torch_reference import DEFAULT_PYTHON, TorchReference, available, timed  # a sibling file: benchmarks run as scripts
-from device_figures import matmul_peak, xla_flops  # a sibling file
+from device_figures import PEAK_CALLS, PEAK_SIZE, matmul_peak, xla_flops  # a sibling file
 
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_small": "swin_small_patch4_window7_224",
               "swin_base": "swin_base_patch4_window7_224", "deit_small": "deit_small_patch16_224",
@@ -90,7 +90,7 @@ def main() -> None:
                     theirs[what][k] += v
     for r in refs.values():
         r.close()
-    peak = matmul_peak(args.dtype, size=2048) / 1e9
+    peak = matmul_peak(args.dtype, size=PEAK_SIZE["cpu"]) / 1e9
     med = lambda d, w, k="walls": statistics.median(d[w][k])  # noqa: E731
     print(f"\n{args.model} @ {args.res}px, batch {args.batch}, {args.dtype}, device: {info['device']}, "
           f"{len(os.sched_getaffinity(0))} CPU(s); "
@@ -101,8 +101,8 @@ def main() -> None:
     print(f"| swin_ssl (JAX {info['jax']}) | {info['params'] / 1e6:.2f}M | {info['gflops_per_img']:.2f} | "
           f"{args.batch / med(ours, 'fwd'):.2f} | {args.batch / med(ours, 'fwdbwd'):.2f} |")
     flops = info["gflops_per_img"] * args.batch
-    print(f"matmul peak ({args.dtype}, 2048^3, best of 5): {peak:.0f} GFLOP/s; achieved (XLA's "
-          f"forward count, fwd+bwd as 3x): forward {flops / med(ours, 'fwd') / peak:.0%}, "
+    print(f"matmul peak ({args.dtype}, {PEAK_SIZE['cpu']}^3, best of {PEAK_CALLS}): {peak:.0f} GFLOP/s; achieved "
+          f"(XLA's forward count, fwd+bwd as 3x): forward {flops / med(ours, 'fwd') / peak:.0%}, "
           f"fwd+bwd {3 * flops / med(ours, 'fwdbwd') / peak:.0%} of it")
     if refs:
         v = refs["fwd"].info

@@ -5,8 +5,9 @@ Used by ``throughput.py`` (timm's backbone alone), ``moby_step.py`` and ``esvit_
 each ``run N`` line on stdin with the wall and CPU seconds of N steps as one JSON line, and exits at EOF.
 
 The steps (same work as ours; fp32 on all cores, or on a CUDA GPU with ``device="cuda"``, where
-``dtype="bfloat16"`` runs the forward passes and losses under ``torch.autocast`` as the official code's mixed
-precision does, fp32 parameters and optimizer):
+``dtype="bfloat16"`` runs the forward passes and losses under ``torch.autocast`` in bf16 with fp32 parameters and
+optimizer -- the official code's mixed precision is fp16 with loss scaling; fp32 matmuls there may use TF32, as
+XLA's do by default):
   * ``moby``: online Swin-T (drop path 0.2) -> projector (768 -> 4096 -> BN -> ReLU -> 256) -> predictor
     (256 -> 4096 -> BN -> ReLU -> 256); target Swin-T + projector (no grad) whose parameters are EMA'd first;
     one call per view; contrastive loss of each view's prediction against the other view's key and a 4096-key
@@ -81,6 +82,15 @@ class TorchReference(LiveWorker):
         # self.info: versions, after the model is built and one step ran
 
 
+def reference_device(platform: str, dtype: str, model: str) -> str | None:
+    """Where the PyTorch step runs beside ours ("cpu" / "cuda"), or None when there is nothing to compare:
+    timm's Swin-T only, fp32 on the CPU (autocast bf16 on CPUs is no reference), any dtype on a CUDA GPU."""
+    device = {"cpu": "cpu", "gpu": "cuda"}.get(platform)
+    if model != "swin_tiny" or device is None or (device == "cpu" and dtype != "float32"):
+        return None
+    return device
+
+
 def available(python: str) -> bool:
     """A path to an interpreter, or a name on PATH (``python3``)."""
     return bool(python) and (os.path.exists(python) or shutil.which(python) is not None)
@@ -115,11 +125,9 @@ def _mlp(torch, dims: list[int], bn: bool):
 
 
 def _swin(timm, drop_path: float):
-    kwargs = dict(pretrained=False, num_classes=0, drop_path_rate=drop_path, dynamic_img_size=True)
-    try:  # timm < 1.0.31 also needs strict_img_size=False for inputs of other sizes
-        return timm.create_model("swin_tiny_patch4_window7_224", strict_img_size=False, **kwargs)
-    except TypeError:
-        return timm.create_model("swin_tiny_patch4_window7_224", **kwargs)
+    # Both flags: timm 1.0.29 checks the input size unless strict_img_size is off (1.0.31 implies it).
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0,
+                             drop_path_rate=drop_path, dynamic_img_size=True, strict_img_size=False)
 
 
 def _ema(torch, target, online, m: float) -> None:
@@ -276,6 +284,7 @@ def _serve(kind: str, setup: dict) -> None:
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     else:
         torch.set_default_device(device)  # modules and tensors are created there
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls, as XLA's default precision on GPUs
     torch.manual_seed(0)
     amp = functools.partial(torch.autocast, device_type=device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     raw = STEPS[kind](torch, timm, amp, **setup)

@@ -2,7 +2,7 @@
 
 Entry points (everything else is plumbing)::
 
-    cfg = default_config("moby", source="imagenet2012", data_dir="gs://...")      # an ml_collections ConfigDict
+    cfg = default_config("moby", source="imagenet2012", data_dir="gs://...")      # swin_ssl/data/defaults.py
     it = make_train_iterator(cfg, batch_size_per_host=64, process_index=jax.process_index(),
                              process_count=jax.process_count(), seed=0, start_step=state.step)
     batch = next(it)                                  # {"view1", "view2"} float32 NHWC numpy, per host
@@ -83,13 +83,12 @@ import re
 import time
 from typing import Any, Callable, Iterator
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
 from swin_ssl.data import augment as aug
 from swin_ssl.data import sources
-from swin_ssl.data.defaults import RECIPES, default_config  # noqa: F401  (the pipeline's config, re-exported)
+from swin_ssl.data.defaults import RECIPES, default_config
 
 try:  # TensorFlow must never take an accelerator from JAX (tensorflow-cpu has none; be safe anyway).
     tf.config.set_visible_devices([], "GPU")
@@ -103,6 +102,8 @@ _RESERVE = 2        # stand-ins kept (in memory, still encoded)
 _MIN_SEEN = 1000    # examples read before data.max_skip_fraction is enforced (or the whole shard if smaller)
 _RETRY_WAIT_S = 1.0  # first wait before re-reading after a read error; doubles each retry
 _MAX_NAMES = 1000
+
+
 def _get(config: Any, key: str):
     """Reads a field, falling back to the recipe default so partial configs work too."""
     if key in config:
