@@ -22,8 +22,8 @@ DATASHEET_BF16_PEAK = {
 
 def xla_flops(lowered) -> float:
     """FLOPs of one call of a program (all devices together) by XLA's cost analysis of the lowered, not yet
-    optimised HLO, a multiply-add counting 2. Not the compiled program's count: on a GPU that leaves out the matrix
-    products handed to cuBLAS (custom calls) and gave about a seventh of this for the MoBY step."""
+    optimised HLO, a multiply-add counting 2. Not the compiled program's count: on a GPU that gave a seventh of
+    this for the MoBY step (the cuBLAS custom calls uncounted, presumably)."""
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float((cost or {}).get("flops", float("nan")))
