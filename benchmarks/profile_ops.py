@@ -121,14 +121,14 @@ def moby_step(batch: int, res: int):
     import numpy as np
 
     from swin_ssl.config_files import config_module
-    from swin_ssl.train import loop, validate
+    from swin_ssl.train import program as program_lib, validate
 
     moby_swin_tiny = config_module("moby_swin_tiny")
 
     c = moby_swin_tiny.get_config("paper300")
     c.batch_size, c.data.image_size, c.data.name, c.data.data_dir = batch, res, "synthetic", ""
-    program = loop.build_program(c, validate.validate(c, device_count=jax.device_count(),
-                                                      process_count=jax.process_count()))
+    program = program_lib.build_program(c, validate.validate(c, device_count=jax.device_count(),
+                                                             process_count=jax.process_count()))
     rng = np.random.default_rng(0)
     host = {v: rng.normal(size=(batch, res, res, 3)).astype(np.float32) for v in ("view1", "view2")}
     box = {"state": program.init(jax.random.PRNGKey(0))}

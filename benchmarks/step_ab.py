@@ -51,7 +51,7 @@ def worker(config_spec: str, overrides: list[str]) -> None:
     import jax
 
     from swin_ssl.config_files import load_config
-    from swin_ssl.train import data, loop, validate
+    from swin_ssl.train import data, loop, validate  # loop.build_program: also at revisions before program.py
 
     config = load_config(config_spec)
     config.update_from_flattened_dict({k: literal(v) for k, _, v in (o.partition("=") for o in overrides)})

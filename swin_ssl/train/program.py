@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 from typing import Callable
 
 import jax
@@ -20,12 +19,11 @@ from swin_ssl.train import optim as optim_lib
 from swin_ssl.train import parallel as parallel_lib
 from swin_ssl.train import step as step_lib
 from swin_ssl.train.state import Objective, TrainState, create_train_state
-from swin_ssl.train.validate import OBJECTIVE_MODULES, Durations
+from swin_ssl.train.validate import Durations, objective_module
 
 
 def make_objective(config: ml_collections.ConfigDict, durations: Durations, axis_name: str | None) -> Objective:
-    module = importlib.import_module(f"swin_ssl.objectives.{OBJECTIVE_MODULES[config.objective]}")
-    return module.make_objective(config, durations=durations, axis_name=axis_name)
+    return objective_module(config.objective).make_objective(config, durations=durations, axis_name=axis_name)
 
 
 @dataclasses.dataclass
